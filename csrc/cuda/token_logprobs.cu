@@ -1,0 +1,91 @@
+// Torch glue for the CUDA fused log-softmax gather; the kernels are in token_logprobs_kernels.cuh.
+#include "token_logprobs_kernels.cuh"
+#include "torch_cuda_utils.h"
+
+namespace opdx {
+namespace cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at::Tensor& logits,
+                                                                       const at::Tensor& targets,
+                                                                       double inv_temperature, int64_t ignore_index,
+                                                                       bool compute_entropy, bool inplace_backward) {
+  (void)inplace_backward;
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.is_contiguous(),
+              "opdx::token_logprobs_fwd: targets must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(targets.numel() == num_rows(logits), "opdx::token_logprobs_fwd: targets has ", targets.numel(),
+              " entries but logits has ", num_rows(logits), " rows");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logits.options().dtype(acc_dtype);
+  const int64_t N = targets.numel();
+  at::Tensor logp = at::empty({N}, opts);
+  at::Tensor lse = at::empty({N}, opts);
+  at::Tensor entropy = at::empty({compute_entropy ? N : 0}, opts);
+  const RowIndexer rows = make_row_indexer(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_fwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    check_launch(launch_token_logprobs_fwd(cuda_ptr<scalar_t>(logits), rows, N, logits.size(-1),
+                                           targets.const_data_ptr<int64_t>(), static_cast<acc_t>(inv_temperature),
+                                           ignore_index, logp.mutable_data_ptr<acc_t>(),
+                                           lse.mutable_data_ptr<acc_t>(),
+                                           compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr,
+                                           at::cuda::getCurrentCUDAStream()),
+                 "token_logprobs_fwd");
+  });
+  return {logp, lse, entropy};
+}
+
+void token_logprobs_bwd_into(const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
+                             const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                             const c10::optional<at::Tensor>& entropy, double inv_temperature, int64_t ignore_index,
+                             at::Tensor& grad_logits) {
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_logp.scalar_type() == acc_dtype && lse.scalar_type() == acc_dtype,
+              "opdx::token_logprobs_bwd: grad_logp and lse must be ", acc_dtype);
+  TORCH_CHECK(grad_logp.is_contiguous() && lse.is_contiguous() && targets.is_contiguous(),
+              "opdx::token_logprobs_bwd: grad_logp, lse and targets must be contiguous");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const bool use_entropy = grad_entropy.has_value() && entropy.has_value() && entropy->numel() > 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    check_launch(launch_token_logprobs_bwd(cuda_ptr<scalar_t>(logits), make_row_indexer(logits),
+                                           cuda_mutable_ptr<scalar_t>(grad_logits), make_row_indexer(grad_logits),
+                                           targets.numel(), logits.size(-1), targets.const_data_ptr<int64_t>(),
+                                           static_cast<acc_t>(inv_temperature), ignore_index,
+                                           grad_logp.const_data_ptr<acc_t>(),
+                                           use_entropy ? grad_entropy->const_data_ptr<acc_t>() : nullptr,
+                                           lse.const_data_ptr<acc_t>(),
+                                           use_entropy ? entropy->const_data_ptr<acc_t>() : nullptr,
+                                           at::cuda::getCurrentCUDAStream()),
+                 "token_logprobs_bwd");
+  });
+}
+
+at::Tensor token_logprobs_bwd_cuda(const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
+                                   const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                   const c10::optional<at::Tensor>& entropy, double inv_temperature,
+                                   int64_t ignore_index) {
+  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
+  token_logprobs_bwd_into(grad_logp, grad_entropy, logits, targets, lse, entropy, inv_temperature, ignore_index,
+                          grad_logits);
+  return grad_logits;
+}
+
+void token_logprobs_bwd_inplace_cuda(const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
+                                     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                     const c10::optional<at::Tensor>& entropy, double inv_temperature,
+                                     int64_t ignore_index) {
+  at::Tensor out = logits;
+  token_logprobs_bwd_into(grad_logp, grad_entropy, logits, targets, lse, entropy, inv_temperature, ignore_index, out);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace opdx
+
+TORCH_LIBRARY_IMPL(opdx, CUDA, m) {
+  m.impl("token_logprobs_fwd", &opdx::cuda::token_logprobs_fwd_cuda);
+  m.impl("token_logprobs_bwd", &opdx::cuda::token_logprobs_bwd_cuda);
+  m.impl("token_logprobs_bwd_inplace", &opdx::cuda::token_logprobs_bwd_inplace_cuda);
+}

@@ -1,0 +1,16 @@
+"""opdx custom ops: C++ (CPU) and CUDA kernels behind `torch.ops.opdx.*`, with autograd and fake kernels registered
+here so they work under torch.compile. `opdx.ops.reference` holds the pure-torch specification of each op."""
+
+from __future__ import annotations
+
+try:
+    from opdx import _C  # noqa: F401  (registers torch.ops.opdx.*)
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "opdx's compiled extension opdx._C is missing or does not match this torch. Rebuild it with "
+        "`pip install --no-build-isolation -e .` (see README)."
+    ) from exc
+
+from opdx.ops.token_logprobs import token_logprobs  # noqa: E402
+
+__all__ = ["token_logprobs"]
