@@ -264,6 +264,7 @@ def _convert_gguf(gguf: Path, out_dir: Path, progress: bool) -> None:
         raise RuntimeError(f"unexpected demo tokenizer/config: pad={tok.pad_token_id}, eos={tok.eos_token_id}, "
                            f"config.eos_token_id={config.eos_token_id} (expected pad == eos == 2)")
     config.pad_token_id = tok.pad_token_id
+    tok.model_max_length = config.max_position_embeddings
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = config.bos_token_id, tok.eos_token_id, tok.pad_token_id
 
@@ -375,6 +376,7 @@ def make_tiny_tokenizer(vocab_size: int = 512):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<|endoftext|>", bos_token="<|im_start|>",
                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
     tok.chat_template = CHATML_TEMPLATE
+    tok.model_max_length = 512
     return tok
 
 
@@ -493,8 +495,8 @@ def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype | str, attn_im
     CUDA). `device`: where to move the model (default: stay on CPU)."""
     from transformers import AutoModelForCausalLM
 
-    p, local = _resolve(path, "model", "config.json")
     td = _as_dtype(dtype)
+    p, local = _resolve(path, "model", "config.json")
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package (CUDA only); "
                           "use attn_implementation='sdpa'")
