@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,10 +63,14 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None, help="opdx model cache (default $OPDX_CACHE or ~/.cache/opdx)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads; 0 = the cores not already busy (oversubscribed OpenMP threads spin and "
+                         "run ~10x slower on a loaded machine)")
     ap.add_argument("--force", action="store_true", help="regenerate responses that are already present")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    threads = args.threads or max(1, min(os.cpu_count() or 1, round((os.cpu_count() or 1) - os.getloadavg()[0])))
+    torch.set_num_threads(threads)
+    print(f"using {threads} torch thread(s)", file=sys.stderr)
 
     teacher_dir, _ = ensure_demo_models(args.cache_dir)
     tok = load_tokenizer(teacher_dir)
