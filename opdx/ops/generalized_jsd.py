@@ -147,6 +147,9 @@ def _setup_context(ctx, inputs, output):
     _loss, grad = output
     ctx.save_for_backward(grad)
     ctx.consumed = False
+    # The stored-gradient output never receives a gradient; without this autograd would materialize a zero
+    # [N, V] tensor for it in backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_grad):

@@ -44,7 +44,12 @@ def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0, m
     elif beta == 1.0:
         loss = kl(log_ps, log_pt)
     else:
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+        # Entries that are −inf on both sides have M = 0 and contribute 0; give logaddexp finite stand-ins there so
+        # its backward (exp(a − out) with a = out = −inf) does not turn the zero upstream gradient into NaN.
+        both = torch.isneginf(log_ps) & torch.isneginf(log_pt)
+        safe_pt = log_pt.masked_fill(both, 0.0)
+        safe_ps = log_ps.masked_fill(both, 0.0)
+        log_m = torch.logaddexp(safe_pt + math.log(beta), safe_ps + math.log1p(-beta))
         loss = beta * kl(log_pt, log_m) + (1.0 - beta) * kl(log_ps, log_m)
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))

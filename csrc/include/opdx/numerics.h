@@ -11,12 +11,23 @@
 #if defined(__CUDACC__)
 #define OPDX_HD __host__ __device__ __forceinline__
 #define OPDX_DEVICE_CODE 1
+#elif defined(__GNUC__)
+// Forced inlining keeps the per-element math inside the callers' vectorized loops (an out-of-line call, even to an
+// `inline` function, goes through the PLT of the shared library and stops vectorization).
+#define OPDX_HD inline __attribute__((always_inline))
 #else
 #define OPDX_HD inline
 #endif
 
 #if defined(__CUDA_ARCH__)
 #define OPDX_ON_DEVICE 1
+#endif
+
+// Host-only helpers called from vectorized loops: always inlined (see OPDX_HD).
+#if defined(__GNUC__)
+#define OPDX_HOST_INLINE inline __attribute__((always_inline))
+#else
+#define OPDX_HOST_INLINE inline
 #endif
 
 namespace opdx {
@@ -38,7 +49,7 @@ OPDX_HD acc_t max_of(acc_t a, acc_t b) {
 
 // exp(x) for x <= ~88, Cephes-style: x = k*ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (< 2 ulp).
 // Inputs below -87.3 (including -inf) return exactly 0, so masked (-inf) vocabulary entries contribute nothing.
-inline float host_exp(float x) {
+OPDX_HOST_INLINE float host_exp(float x) {
   const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
   const float k = std::nearbyint(clamped * 1.44269504088896341f);
   float r = clamped - k * 0.693359375f;  // Cody-Waite split of ln2 = 0.693359375 - 2.12194440e-4
@@ -56,7 +67,7 @@ inline float host_exp(float x) {
   const float result = p * scale;
   return x < -87.3f ? 0.0f : result;
 }
-inline double host_exp(double x) { return std::exp(x); }
+OPDX_HOST_INLINE double host_exp(double x) { return std::exp(x); }
 
 template <typename acc_t>
 OPDX_HD acc_t fast_exp(acc_t x);
@@ -201,7 +212,7 @@ namespace opdx {
 
 // Natural log for x > 0 (0 → −inf, +inf → +inf), Cephes-style: x = m·2^e with m in [√½, √2), log(m) by a degree-9
 // polynomial in m − 1 (about 1 ulp). Branch-free, so loops calling it vectorize (std::log calls do not). Host only.
-inline float host_log(float x) {
+OPDX_HOST_INLINE float host_log(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   int32_t e = ((bits >> 23) & 0xff) - 126;
@@ -383,7 +394,9 @@ OPDX_HD void jsd_element(acc_t beta, acc_t log_ps, acc_t log_pt, acc_t delta, ac
     loss = q.P * max_of(h, acc_t(0));
   }
   const acc_t ps = q.student_small ? q.P * q.r : q.P;
-  total = ps > acc_t(0) ? ps * (jsd_student_log_ratio<kMode>(beta, q) - anchor) : acc_t(0);
+  // Computed unconditionally and then selected (a branch-free body vectorizes); the ratio may be ±inf where ps = 0.
+  const acc_t weighted = ps * (jsd_student_log_ratio<kMode>(beta, q) - anchor);
+  total = ps > acc_t(0) ? weighted : acc_t(0);
 }
 
 // Gradient of the row loss w.r.t. one scaled student logit x_s/T (multiply by 1/T for raw logits):
@@ -396,7 +409,8 @@ OPDX_HD acc_t jsd_element_grad(acc_t beta, acc_t log_ps, acc_t log_pt, acc_t del
   const JsdPoint<acc_t> q = jsd_point(log_ps, log_pt, delta);
   if (kMode == kJsdForwardKL) return q.student_small ? q.P * q.em : -q.P * q.em;
   const acc_t ps = q.student_small ? q.P * q.r : q.P;
-  const acc_t g = ps > acc_t(0) ? ps * ((jsd_student_log_ratio<kMode>(beta, q) - anchor) - total) : acc_t(0);
+  const acc_t weighted = ps * ((jsd_student_log_ratio<kMode>(beta, q) - anchor) - total);
+  const acc_t g = ps > acc_t(0) ? weighted : acc_t(0);
   return kMode == kJsdReverseKL ? g : (acc_t(1) - beta) * g;
 }
 
