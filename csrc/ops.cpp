@@ -23,4 +23,12 @@ TORCH_LIBRARY(opdx, m) {
   m.def(
       "token_logprobs_bwd_inplace(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor targets, "
       "Tensor lse, Tensor? entropy, float inv_temperature, int ignore_index) -> ()");
+
+  // Generalized JSD(beta) between softmax(student / T) and softmax(teacher / T), row by row (see DESIGN.md).
+  // student, teacher [..., V] (same shape and dtype); mask [N] bool (False rows give 0 loss and 0 gradient) or None.
+  // Returns (loss [N] fp32 (fp64 for fp64 inputs), grad): grad is d loss_r / d student, contiguous, shaped like
+  // student, in the student dtype (fp32 when grad_fp32), or an empty [0] tensor when compute_grad is False.
+  m.def(
+      "generalized_jsd_fwd(Tensor student, Tensor teacher, Tensor? mask, float beta, float inv_temperature, "
+      "bool compute_grad, bool grad_fp32) -> (Tensor, Tensor)");
 }

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -19,3 +21,36 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_e
     entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)  # 0·log 0 = 0, with finite gradients
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
+
+
+def generalized_jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0, mask=None):
+    """Per-token generalized JSD(β) between softmax(student / T) and softmax(teacher / T), shape ``[...]``.
+
+    β = 0 is exactly KL(P_T‖P_S), β = 1 exactly KL(P_S‖P_T), otherwise β·KL(P_T‖M) + (1−β)·KL(P_S‖M) with
+    M = β·P_T + (1−β)·P_S. 0·log 0 = 0 for −inf logits. ``mask`` (bool, shape ``[...]``): False rows give 0.
+    Differentiable (autograd through the materialized [..., V] tensors); use float64 inputs for a tight reference.
+    """
+    beta = float(beta)
+    log_ps = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_pt = torch.log_softmax(teacher_logits / temperature, dim=-1)
+
+    def kl(log_p, log_q):  # Σ p·(log p − log q), with 0 where p == 0
+        p = log_p.exp()
+        diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+        return (p * diff).sum(-1)
+
+    if beta == 0.0:
+        loss = kl(log_pt, log_ps)
+    elif beta == 1.0:
+        loss = kl(log_ps, log_pt)
+    else:
+        # Entries that are −inf on both sides have M = 0 and contribute 0; give logaddexp finite stand-ins there so
+        # its backward (exp(a − out) with a = out = −inf) does not turn the zero upstream gradient into NaN.
+        both = torch.isneginf(log_ps) & torch.isneginf(log_pt)
+        safe_pt = log_pt.masked_fill(both, 0.0)
+        safe_ps = log_ps.masked_fill(both, 0.0)
+        log_m = torch.logaddexp(safe_pt + math.log(beta), safe_ps + math.log1p(-beta))
+        loss = beta * kl(log_pt, log_m) + (1.0 - beta) * kl(log_ps, log_m)
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return loss
