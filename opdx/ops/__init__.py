@@ -14,3 +14,13 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 from opdx.ops.token_logprobs import token_logprobs  # noqa: E402
 
 __all__ = ["token_logprobs"]
+
+from opdx.ops.topk import (  # noqa: E402
+    teacher_topk,
+    teacher_topk_from_hidden,
+    topk_diagnostics,
+    topk_kl,
+    topk_kl_from_logits,
+)
+
+__all__ += ["teacher_topk", "teacher_topk_from_hidden", "topk_diagnostics", "topk_kl", "topk_kl_from_logits"]
