@@ -86,7 +86,7 @@ at::Tensor topk_gather_dot_cpu(const at::Tensor& hidden, const at::Tensor& weigh
   return z;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename out_t>
 void gather_dot_bwd_rows(const at::Tensor& grad_z, const at::Tensor& hidden, const at::Tensor& weight,
                          const at::Tensor& ids, double inv_temperature, bool has_bias, at::Tensor& grad_h,
                          at::Tensor& grad_w, at::Tensor& grad_b) {
@@ -96,9 +96,9 @@ void gather_dot_bwd_rows(const at::Tensor& grad_z, const at::Tensor& hidden, con
   const scalar_t* w = weight.const_data_ptr<scalar_t>();
   const int64_t* idx = ids.const_data_ptr<int64_t>();
   const acc_t* g = grad_z.const_data_ptr<acc_t>();
-  scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
-  scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
-  scalar_t* gb = has_bias ? grad_b.mutable_data_ptr<scalar_t>() : nullptr;
+  out_t* gh = grad_h.mutable_data_ptr<out_t>();
+  out_t* gw = grad_w.mutable_data_ptr<out_t>();
+  out_t* gb = has_bias ? grad_b.mutable_data_ptr<out_t>() : nullptr;
   const acc_t scale = static_cast<acc_t>(inv_temperature);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * d, 1));
 
@@ -111,9 +111,9 @@ void gather_dot_bwd_rows(const at::Tensor& grad_z, const at::Tensor& hidden, con
         const acc_t c = g[n * K + k];
         if (c != acc_t(0)) axpy_row(c, w + idx[n * K + k] * d, d, acc.data());
       }
-      scalar_t* out = gh + n * d;
+      out_t* out = gh + n * d;
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<scalar_t>(acc[i] * scale);
+      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<out_t>(acc[i] * scale);
     }
   });
 
@@ -147,10 +147,10 @@ void gather_dot_bwd_rows(const at::Tensor& grad_z, const at::Tensor& hidden, con
         bsum += c;
         if (c != acc_t(0)) axpy_row(c, h + (p / K) * d, d, acc.data());
       }
-      scalar_t* out = gw + v * d;
+      out_t* out = gw + v * d;
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<scalar_t>(acc[i] * scale);
-      if (gb) gb[v] = static_cast<scalar_t>(bsum * scale);
+      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<out_t>(acc[i] * scale);
+      if (gb) gb[v] = static_cast<out_t>(bsum * scale);
     }
   });
 }
@@ -159,17 +159,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gather_dot_bwd_cpu(const at:
                                                                        const at::Tensor& hidden,
                                                                        const at::Tensor& weight, const at::Tensor& ids,
                                                                        double inv_temperature, bool has_bias,
-                                                                       bool deterministic) {
+                                                                       bool deterministic, bool acc_out) {
   (void)deterministic;  // the CPU reduction is always deterministic
   check_gather_inputs("topk_gather_dot_bwd", hidden, weight, c10::nullopt, ids);
   const auto acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(grad_z.scalar_type() == acc_dtype && grad_z.is_contiguous() && grad_z.sizes() == ids.sizes(),
               "opdx::topk_gather_dot_bwd: grad_z must be a contiguous ", acc_dtype, " tensor shaped like ids");
-  at::Tensor grad_h = at::empty(hidden.sizes(), hidden.options());
-  at::Tensor grad_w = at::zeros(weight.sizes(), weight.options());
-  at::Tensor grad_b = has_bias ? at::zeros({weight.size(0)}, weight.options()) : at::empty({0}, weight.options());
+  const auto out_opts = acc_out ? weight.options().dtype(acc_dtype) : weight.options();
+  at::Tensor grad_h = at::empty(hidden.sizes(), out_opts);
+  at::Tensor grad_w = at::zeros(weight.sizes(), out_opts);
+  at::Tensor grad_b = has_bias ? at::zeros({weight.size(0)}, out_opts) : at::empty({0}, out_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "topk_gather_dot_bwd_cpu", [&] {
-    gather_dot_bwd_rows<scalar_t>(grad_z, hidden, weight, ids, inv_temperature, has_bias, grad_h, grad_w, grad_b);
+    using acc_t = acc_type_t<scalar_t>;
+    if (acc_out)
+      gather_dot_bwd_rows<scalar_t, acc_t>(grad_z, hidden, weight, ids, inv_temperature, has_bias, grad_h, grad_w,
+                                           grad_b);
+    else
+      gather_dot_bwd_rows<scalar_t, scalar_t>(grad_z, hidden, weight, ids, inv_temperature, has_bias, grad_h,
+                                              grad_w, grad_b);
   });
   return {grad_h, grad_w, grad_b};
 }
@@ -270,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_vocab_lse_bwd_impl(const at:
                                                                        const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& lse, double inv_temperature,
-                                                                       int64_t vocab_tile) {
+                                                                       int64_t vocab_tile, bool acc_out) {
   check_tile(vocab_tile);
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor h = matmul_operand(hidden);
@@ -278,8 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_vocab_lse_bwd_impl(const at:
   const at::Tensor g = grad_lse.to(acc).unsqueeze(1);
   const at::Tensor l = lse.to(acc).unsqueeze(1);
   at::Tensor grad_h = at::zeros({hidden.size(0), hidden.size(1)}, hidden.options().dtype(acc));
-  at::Tensor grad_w = at::empty(weight.sizes(), weight.options());
-  at::Tensor grad_b = bias.has_value() ? at::empty({V}, weight.options()) : at::empty({0}, weight.options());
+  const auto out_opts = acc_out ? weight.options().dtype(acc) : weight.options();
+  at::Tensor grad_w = at::empty(weight.sizes(), out_opts);
+  at::Tensor grad_b = bias.has_value() ? at::empty({V}, out_opts) : at::empty({0}, out_opts);
   for (int64_t v0 = 0; v0 < V; v0 += vocab_tile) {
     const int64_t v1 = std::min(V, v0 + vocab_tile);
     // coefficient of each vocab entry: g_n·p_nv (∂lse/∂x_v = p_v); the 1/T is applied below
@@ -290,7 +298,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_vocab_lse_bwd_impl(const at:
     grad_w.slice(0, v0, v1).copy_(at::mm(c_mm.t(), h).mul_(inv_temperature));
     if (bias.has_value()) grad_b.slice(0, v0, v1).copy_(coef.sum(0).mul_(inv_temperature));
   }
-  return {grad_h.mul_(inv_temperature).to(hidden.scalar_type()), grad_w, grad_b};
+  return {grad_h.mul_(inv_temperature).to(acc_out ? acc : hidden.scalar_type()), grad_w, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_logits_tail_impl(const at::Tensor& hidden, const at::Tensor& weight,
+                                                         const c10::optional<at::Tensor>& bias, const at::Tensor& ids,
+                                                         double inv_temperature, int64_t vocab_tile,
+                                                         bool deterministic) {
+  static const auto gather = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("opdx::topk_gather_dot", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                   const c10::optional<at::Tensor>&, const at::Tensor&, double, bool)>();
+  at::Tensor z = gather.call(hidden, weight, bias, ids, inv_temperature, deterministic);
+  return {z, topk_vocab_lse_impl(hidden, weight, bias, inv_temperature, vocab_tile)};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -388,4 +408,5 @@ TORCH_LIBRARY_IMPL(opdx, CPU, m) {
 TORCH_LIBRARY_IMPL(opdx, CompositeExplicitAutograd, m) {
   m.impl("topk_vocab_lse", &opdx::cpu::topk_vocab_lse_impl);
   m.impl("topk_vocab_lse_bwd", &opdx::cpu::topk_vocab_lse_bwd_impl);
+  m.impl("topk_logits_tail", &opdx::cpu::topk_logits_tail_impl);
 }

@@ -89,55 +89,80 @@ SegmentTensors build_segments(const at::Tensor& ids) {
   return s;
 }
 
+// grad_hidden and grad_weight/grad_bias (zero-filled) of the gather-dot, written as out_t (the weight's CUDA type, or
+// acc_t for acc_out). Deterministic: sorted-id segments; else atomics in acc_t.
+template <typename cuda_t, typename acc_t, typename out_t>
+void grad_weight_into(const at::Tensor& grad_z, const at::Tensor& hidden, const at::Tensor& ids, acc_t inv_t,
+                      bool has_bias, bool deterministic, const at::Tensor& grad_h_t, at::Tensor& grad_w_t,
+                      at::Tensor& grad_b_t, out_t* grad_h, out_t* grad_w, out_t* grad_b, const at::Tensor& weight,
+                      cudaStream_t stream) {
+  (void)grad_h_t;
+  const int64_t N = ids.size(0), K = ids.size(1), d = hidden.size(1), V = weight.size(0);
+  const auto acc = acc_dtype_of(hidden);
+  const cuda_t* h = reinterpret_cast<const cuda_t*>(hidden.const_data_ptr());
+  const cuda_t* w = reinterpret_cast<const cuda_t*>(weight.const_data_ptr());
+  check_launch(launch_topk_grad_hidden<cuda_t, acc_t, out_t>(grad_z.const_data_ptr<acc_t>(), w,
+                                                             ids.const_data_ptr<int64_t>(), N, K, d, inv_t, grad_h,
+                                                             stream),
+               "topk_grad_hidden");
+  if (deterministic) {
+    const SegmentTensors seg = build_segments(ids);
+    at::Tensor partial = at::empty({seg.num_partials, d}, hidden.options().dtype(acc));
+    at::Tensor partial_b = at::empty({has_bias ? seg.num_partials : 0}, hidden.options().dtype(acc));
+    check_launch(launch_topk_grad_weight<cuda_t, acc_t, out_t>(
+                     grad_z.const_data_ptr<acc_t>(), h, seg.layout(), seg.num_segments, seg.num_chunks,
+                     seg.num_partials, K, d, inv_t, grad_w, has_bias ? grad_b : nullptr,
+                     seg.num_partials > 0 ? partial.mutable_data_ptr<acc_t>() : nullptr,
+                     (has_bias && seg.num_partials > 0) ? partial_b.mutable_data_ptr<acc_t>() : nullptr, stream),
+                 "topk_grad_weight");
+  } else {
+    // Atomics accumulate in acc_t: straight into the output when it is acc_t, else into a buffer copied afterwards.
+    const bool direct = grad_w_t.scalar_type() == acc;
+    at::Tensor gw_acc = direct ? grad_w_t : at::zeros(weight.sizes(), weight.options().dtype(acc));
+    at::Tensor gb_acc = (!has_bias || direct) ? grad_b_t : at::zeros({V}, weight.options().dtype(acc));
+    check_launch(launch_topk_grad_weight_atomic<cuda_t, acc_t>(
+                     grad_z.const_data_ptr<acc_t>(), h, ids.const_data_ptr<int64_t>(), N, K, d, inv_t,
+                     gw_acc.mutable_data_ptr<acc_t>(), has_bias ? gb_acc.mutable_data_ptr<acc_t>() : nullptr, stream),
+                 "topk_grad_weight_atomic");
+    if (!direct) {
+      grad_w_t.copy_(gw_acc);
+      if (has_bias) grad_b_t.copy_(gb_acc);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gather_dot_bwd_cuda(const at::Tensor& grad_z,
                                                                         const at::Tensor& hidden,
                                                                         const at::Tensor& weight,
                                                                         const at::Tensor& ids, double inv_temperature,
-                                                                        bool has_bias, bool deterministic) {
+                                                                        bool has_bias, bool deterministic,
+                                                                        bool acc_out) {
   check_gather_inputs("topk_gather_dot_bwd", hidden, weight, c10::nullopt, ids);
   const auto acc = acc_dtype_of(hidden);
   TORCH_CHECK(grad_z.scalar_type() == acc && grad_z.is_contiguous() && grad_z.sizes() == ids.sizes(),
               "opdx::topk_gather_dot_bwd: grad_z must be a contiguous ", acc, " tensor shaped like ids");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t N = ids.size(0), K = ids.size(1), d = hidden.size(1), V = weight.size(0);
-  at::Tensor grad_h = at::empty(hidden.sizes(), hidden.options());
-  at::Tensor grad_w = at::zeros(weight.sizes(), weight.options());
-  at::Tensor grad_b = has_bias ? at::zeros({V}, weight.options()) : at::empty({0}, weight.options());
+  const auto out_opts = acc_out ? weight.options().dtype(acc) : weight.options();
+  at::Tensor grad_h = at::empty(hidden.sizes(), out_opts);
+  at::Tensor grad_w = at::zeros(weight.sizes(), out_opts);
+  at::Tensor grad_b = has_bias ? at::zeros({V}, out_opts) : at::empty({0}, out_opts);
   if (N * K == 0) return {grad_h.zero_(), grad_w, grad_b};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "topk_gather_dot_bwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     using cuda_t = typename CudaType<scalar_t>::type;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    check_launch(launch_topk_grad_hidden<cuda_t, acc_t>(grad_z.const_data_ptr<acc_t>(), cuda_ptr<scalar_t>(weight),
-                                                        ids.const_data_ptr<int64_t>(), N, K, d, inv_t,
-                                                        cuda_mutable_ptr<scalar_t>(grad_h), stream),
-                 "topk_grad_hidden");
-    if (deterministic) {
-      const SegmentTensors seg = build_segments(ids);
-      at::Tensor partial = at::empty({seg.num_partials, d}, hidden.options().dtype(acc));
-      at::Tensor partial_b = at::empty({has_bias ? seg.num_partials : 0}, hidden.options().dtype(acc));
-      check_launch(launch_topk_grad_weight<cuda_t, acc_t>(
-                       grad_z.const_data_ptr<acc_t>(), cuda_ptr<scalar_t>(hidden), seg.layout(), seg.num_segments,
-                       seg.num_chunks, seg.num_partials, K, d, inv_t, cuda_mutable_ptr<scalar_t>(grad_w),
-                       has_bias ? cuda_mutable_ptr<scalar_t>(grad_b) : nullptr,
-                       seg.num_partials > 0 ? partial.mutable_data_ptr<acc_t>() : nullptr,
-                       (has_bias && seg.num_partials > 0) ? partial_b.mutable_data_ptr<acc_t>() : nullptr, stream),
-                   "topk_grad_weight");
+    if (acc_out) {
+      grad_weight_into<cuda_t, acc_t, acc_t>(grad_z, hidden, ids, inv_t, has_bias, deterministic, grad_h, grad_w,
+                                              grad_b, grad_h.mutable_data_ptr<acc_t>(), grad_w.mutable_data_ptr<acc_t>(),
+                                              has_bias ? grad_b.mutable_data_ptr<acc_t>() : nullptr, weight, stream);
     } else {
-      // Atomics accumulate in acc_t: straight into grad_w for fp32/fp64 weights, else into an fp32 buffer.
-      const bool direct = weight.scalar_type() == acc;
-      at::Tensor gw_acc = direct ? grad_w : at::zeros(weight.sizes(), weight.options().dtype(acc));
-      at::Tensor gb_acc = !has_bias ? grad_b : (direct ? grad_b : at::zeros({V}, weight.options().dtype(acc)));
-      check_launch(launch_topk_grad_weight_atomic<cuda_t, acc_t>(
-                       grad_z.const_data_ptr<acc_t>(), cuda_ptr<scalar_t>(hidden), ids.const_data_ptr<int64_t>(), N,
-                       K, d, inv_t, gw_acc.mutable_data_ptr<acc_t>(),
-                       has_bias ? gb_acc.mutable_data_ptr<acc_t>() : nullptr, stream),
-                   "topk_grad_weight_atomic");
-      if (!direct) {
-        grad_w.copy_(gw_acc);
-        if (has_bias) grad_b.copy_(gb_acc);
-      }
+      grad_weight_into<cuda_t, acc_t, cuda_t>(grad_z, hidden, ids, inv_t, has_bias, deterministic, grad_h, grad_w,
+                                               grad_b, cuda_mutable_ptr<scalar_t>(grad_h),
+                                               cuda_mutable_ptr<scalar_t>(grad_w),
+                                               has_bias ? cuda_mutable_ptr<scalar_t>(grad_b) : nullptr, weight,
+                                               stream);
     }
   });
   return {grad_h, grad_w, grad_b};

@@ -102,18 +102,18 @@ __device__ __forceinline__ void block_weighted_row_sum(int64_t d, int64_t count,
 }
 
 // grad_h[n] = inv_temperature·Σ_k g[n, k]·W[ids[n, k]]; one block per row.
-template <typename scalar_t, typename acc_t, bool kVectorized>
+template <typename scalar_t, typename acc_t, typename out_t, bool kVectorized>
 __global__ void __launch_bounds__(kTopkThreads)
     topk_grad_hidden_kernel(const acc_t* __restrict__ grad_z, const scalar_t* __restrict__ weight,
                             const int64_t* __restrict__ ids, int64_t K, int64_t d, acc_t inv_temperature,
-                            scalar_t* __restrict__ grad_hidden) {
+                            out_t* __restrict__ grad_hidden) {
   const int64_t n = blockIdx.x;
   const acc_t* g = grad_z + n * K;
   const int64_t* idx = ids + n * K;
-  scalar_t* out = grad_hidden + n * d;
+  out_t* out = grad_hidden + n * d;
   block_weighted_row_sum<scalar_t, acc_t, kVectorized>(
       d, K, [=](int64_t s) { return weight + idx[s] * d; }, [=](int64_t s) { return g[s]; },
-      [=](int64_t j, acc_t v) { out[j] = from_acc<scalar_t>(v * inv_temperature); });
+      [=](int64_t j, acc_t v) { out[j] = from_acc<out_t>(v * inv_temperature); });
 }
 
 // Sorted-id segment layout built by the glue (all int64, on the device):
@@ -133,11 +133,11 @@ struct SegmentLayout {
   const int64_t* partial_off;
 };
 
-template <typename scalar_t, typename acc_t, bool kVectorized>
+template <typename scalar_t, typename acc_t, typename out_t, bool kVectorized>
 __global__ void __launch_bounds__(kTopkThreads)
     topk_grad_weight_chunk_kernel(const acc_t* __restrict__ grad_z, const scalar_t* __restrict__ hidden,
                                   SegmentLayout seg, int64_t K, int64_t d, acc_t inv_temperature,
-                                  scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias,
+                                  out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
                                   acc_t* __restrict__ partial, acc_t* __restrict__ partial_bias) {
   const int64_t c = blockIdx.x;
   const int64_t u = seg.chunk_seg[c];
@@ -148,13 +148,13 @@ __global__ void __launch_bounds__(kTopkThreads)
   const int64_t* pos_row = seg.order_row + start;
   const bool direct = seg.nchunks[u] == 1;
   const int64_t v = seg.seg_ids[u];
-  scalar_t* out = grad_weight + v * d;
+  out_t* out = grad_weight + v * d;
   acc_t* part = direct ? nullptr : partial + (seg.partial_off[u] + local) * d;
   const auto row = [=](int64_t s) { return hidden + pos_row[s] * d; };
   const auto coef = [=](int64_t s) { return grad_z[pos[s]]; };
   if (direct)
     block_weighted_row_sum<scalar_t, acc_t, kVectorized>(
-        d, end - start, row, coef, [=](int64_t j, acc_t val) { out[j] = from_acc<scalar_t>(val * inv_temperature); });
+        d, end - start, row, coef, [=](int64_t j, acc_t val) { out[j] = from_acc<out_t>(val * inv_temperature); });
   else
     block_weighted_row_sum<scalar_t, acc_t, kVectorized>(d, end - start, row, coef,
                                                          [=](int64_t j, acc_t val) { part[j] = val; });
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kTopkThreads)
     acc_t b = 0;
     for (int64_t s = 0; s < end - start; ++s) b += grad_z[pos[s]];
     if (direct) {
-      if (grad_bias) grad_bias[v] = from_acc<scalar_t>(b * inv_temperature);
+      if (grad_bias) grad_bias[v] = from_acc<out_t>(b * inv_temperature);
     } else if (partial_bias) {
       partial_bias[seg.partial_off[u] + local] = b;
     }
@@ -170,10 +170,10 @@ __global__ void __launch_bounds__(kTopkThreads)
 }
 
 // Sums the partials of each multi-chunk segment in chunk order; one block per segment.
-template <typename scalar_t, typename acc_t>
+template <typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kTopkThreads)
     topk_grad_weight_finalize_kernel(SegmentLayout seg, int64_t d, acc_t inv_temperature,
-                                     scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias,
+                                     out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
                                      const acc_t* __restrict__ partial, const acc_t* __restrict__ partial_bias) {
   const int64_t u = blockIdx.x;
   const int64_t nc = seg.nchunks[u];
@@ -183,12 +183,12 @@ __global__ void __launch_bounds__(kTopkThreads)
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
     acc_t s = 0;
     for (int64_t c = 0; c < nc; ++c) s += part[c * d + j];
-    grad_weight[v * d + j] = from_acc<scalar_t>(s * inv_temperature);
+    grad_weight[v * d + j] = from_acc<out_t>(s * inv_temperature);
   }
   if (grad_bias && threadIdx.x == 0) {
     acc_t s = 0;
     for (int64_t c = 0; c < nc; ++c) s += partial_bias[seg.partial_off[u] + c];
-    grad_bias[v] = from_acc<scalar_t>(s * inv_temperature);
+    grad_bias[v] = from_acc<out_t>(s * inv_temperature);
   }
 }
 
@@ -440,42 +440,45 @@ inline int threads_for_dim(int64_t d, bool vectorized) {
   return threads;
 }
 
-template <typename scalar_t, typename acc_t>
+// out_t: scalar_t, or acc_t when the caller sums several gradient contributions before one rounding.
+template <typename scalar_t, typename acc_t, typename out_t>
 cudaError_t launch_topk_grad_hidden(const acc_t* grad_z, const scalar_t* weight, const int64_t* ids, int64_t N,
-                                    int64_t K, int64_t d, acc_t inv_temperature, scalar_t* grad_hidden,
+                                    int64_t K, int64_t d, acc_t inv_temperature, out_t* grad_hidden,
                                     cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  const bool vec = rows_vectorizable<scalar_t>(weight, grad_hidden, d);
+  const bool vec = rows_vectorizable<scalar_t>(weight, weight, d);
   const int threads = threads_for_dim<scalar_t>(d, vec);
   if (vec)
-    topk_grad_hidden_kernel<scalar_t, acc_t, true><<<static_cast<unsigned>(N), threads, 0, stream>>>(
+    topk_grad_hidden_kernel<scalar_t, acc_t, out_t, true><<<static_cast<unsigned>(N), threads, 0, stream>>>(
         grad_z, weight, ids, K, d, inv_temperature, grad_hidden);
   else
-    topk_grad_hidden_kernel<scalar_t, acc_t, false><<<static_cast<unsigned>(N), threads, 0, stream>>>(
+    topk_grad_hidden_kernel<scalar_t, acc_t, out_t, false><<<static_cast<unsigned>(N), threads, 0, stream>>>(
         grad_z, weight, ids, K, d, inv_temperature, grad_hidden);
   return cudaGetLastError();
 }
 
 // grad_weight and grad_bias must be zero-filled (ids absent from `ids` keep 0); partial holds num_partials·d and
 // partial_bias num_partials entries (may be null when num_partials == 0 / without bias).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename out_t>
 cudaError_t launch_topk_grad_weight(const acc_t* grad_z, const scalar_t* hidden, SegmentLayout seg,
                                     int64_t num_segments, int64_t num_chunks, int64_t num_partials, int64_t K,
-                                    int64_t d, acc_t inv_temperature, scalar_t* grad_weight, scalar_t* grad_bias,
+                                    int64_t d, acc_t inv_temperature, out_t* grad_weight, out_t* grad_bias,
                                     acc_t* partial, acc_t* partial_bias, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
-  const bool vec = rows_vectorizable<scalar_t>(hidden, grad_weight, d);
+  const bool vec = rows_vectorizable<scalar_t>(hidden, hidden, d);
   const int threads = threads_for_dim<scalar_t>(d, vec);
   acc_t* pb = grad_bias ? partial_bias : nullptr;
   if (vec)
-    topk_grad_weight_chunk_kernel<scalar_t, acc_t, true><<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(
-        grad_z, hidden, seg, K, d, inv_temperature, grad_weight, grad_bias, partial, pb);
+    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, true>
+        <<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(grad_z, hidden, seg, K, d, inv_temperature,
+                                                                      grad_weight, grad_bias, partial, pb);
   else
-    topk_grad_weight_chunk_kernel<scalar_t, acc_t, false><<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(
-        grad_z, hidden, seg, K, d, inv_temperature, grad_weight, grad_bias, partial, pb);
+    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, false>
+        <<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(grad_z, hidden, seg, K, d, inv_temperature,
+                                                                      grad_weight, grad_bias, partial, pb);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || num_partials == 0) return err;
-  topk_grad_weight_finalize_kernel<scalar_t, acc_t><<<static_cast<unsigned>(num_segments), kTopkThreads, 0, stream>>>(
+  topk_grad_weight_finalize_kernel<acc_t, out_t><<<static_cast<unsigned>(num_segments), kTopkThreads, 0, stream>>>(
       seg, d, inv_temperature, grad_weight, grad_bias, partial, pb);
   return cudaGetLastError();
 }
@@ -517,15 +520,16 @@ cudaError_t launch_teacher_topk(const scalar_t* logits, RowIndexer rows, int64_t
 
 // Explicit instantiations for the torch-free compile check on CPU machines (tests/test_cuda_compile.py).
 #if defined(OPDX_COMPILE_CHECK)
+#define OPDX_INSTANTIATE_TOPK_GRADS(scalar_t, acc_t, out_t)                                                        \
+  template cudaError_t opdx::cuda::launch_topk_grad_hidden<scalar_t, acc_t, out_t>(                                  \
+      const acc_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, out_t*, cudaStream_t);        \
+  template cudaError_t opdx::cuda::launch_topk_grad_weight<scalar_t, acc_t, out_t>(                                  \
+      const acc_t*, const scalar_t*, opdx::cuda::SegmentLayout, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t,  \
+      out_t*, out_t*, acc_t*, acc_t*, cudaStream_t);
 #define OPDX_INSTANTIATE_TOPK(scalar_t, acc_t)                                                                       \
   template cudaError_t opdx::cuda::launch_topk_gather_dot<scalar_t, acc_t>(                                          \
       const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, acc_t*,  \
       cudaStream_t);                                                                                                 \
-  template cudaError_t opdx::cuda::launch_topk_grad_hidden<scalar_t, acc_t>(                                         \
-      const acc_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, scalar_t*, cudaStream_t);     \
-  template cudaError_t opdx::cuda::launch_topk_grad_weight<scalar_t, acc_t>(                                         \
-      const acc_t*, const scalar_t*, opdx::cuda::SegmentLayout, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t,  \
-      scalar_t*, scalar_t*, acc_t*, acc_t*, cudaStream_t);                                                           \
   template cudaError_t opdx::cuda::launch_topk_grad_weight_atomic<scalar_t, acc_t>(                                  \
       const acc_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, acc_t*, acc_t*,              \
       cudaStream_t);                                                                                                 \
@@ -535,6 +539,12 @@ OPDX_INSTANTIATE_TOPK(float, float)
 OPDX_INSTANTIATE_TOPK(__half, float)
 OPDX_INSTANTIATE_TOPK(__nv_bfloat16, float)
 OPDX_INSTANTIATE_TOPK(double, double)
+OPDX_INSTANTIATE_TOPK_GRADS(float, float, float)
+OPDX_INSTANTIATE_TOPK_GRADS(__half, float, __half)
+OPDX_INSTANTIATE_TOPK_GRADS(__half, float, float)
+OPDX_INSTANTIATE_TOPK_GRADS(__nv_bfloat16, float, __nv_bfloat16)
+OPDX_INSTANTIATE_TOPK_GRADS(__nv_bfloat16, float, float)
+OPDX_INSTANTIATE_TOPK_GRADS(double, double, double)
 template cudaError_t opdx::cuda::launch_topk_gjsd<float>(const float*, const float*, const float*, int64_t, int64_t,
                                                          float, float*, float*, float*, cudaStream_t);
 template cudaError_t opdx::cuda::launch_topk_gjsd<double>(const double*, const double*, const double*, int64_t,

@@ -172,6 +172,8 @@ def topk_kl(
         O(N·K + N·d) (O(N·vocab_tile) with tail), never O(N·V).
     """
     _check_hidden_weight(hidden, weight, bias)
+    check_tensor("topk_ids", topk_ids)
+    check_tensor("teacher_logprobs", teacher_logprobs)
     check_same_device(hidden=hidden, weight=weight, bias=bias, topk_ids=topk_ids, teacher_logprobs=teacher_logprobs)
     lead = hidden.shape[:-1]
     inv_t = 1.0 / check_temperature(temperature)
@@ -186,8 +188,10 @@ def topk_kl(
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
-    z = torch.ops.opdx.topk_gather_dot(h, w, b, ids, inv_t, bool(deterministic))
-    lse = torch.ops.opdx.topk_vocab_lse(h, w, b, inv_t, int(vocab_tile)) if tail else None
+    if tail:
+        z, lse = torch.ops.opdx.topk_logits_tail(h, w, b, ids, inv_t, int(vocab_tile), bool(deterministic))
+    else:
+        z, lse = torch.ops.opdx.topk_gather_dot(h, w, b, ids, inv_t, bool(deterministic)), None
     loss, _, _ = torch.ops.opdx.topk_gjsd(z, t, lse, beta)
     if m is not None:
         loss = torch.where(m, loss, torch.zeros_like(loss))
@@ -208,6 +212,8 @@ def topk_kl_from_logits(
     ``tail`` the full-row logsumexp comes from the fused streaming token-logprobs kernel (no extra [N, V] copy)."""
     check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, min_dim=1)
     check_nonempty("student_logits", student_logits)
+    check_tensor("topk_ids", topk_ids)
+    check_tensor("teacher_logprobs", teacher_logprobs)
     check_same_device(student_logits=student_logits, topk_ids=topk_ids, teacher_logprobs=teacher_logprobs)
     lead = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
@@ -366,11 +372,12 @@ def _gather_dot_fake(hidden, weight, bias, ids, inv_temperature, deterministic):
 
 
 @torch.library.register_fake("opdx::topk_gather_dot_bwd")
-def _gather_dot_bwd_fake(grad_z, hidden, weight, ids, inv_temperature, has_bias, deterministic):
+def _gather_dot_bwd_fake(grad_z, hidden, weight, ids, inv_temperature, has_bias, deterministic, acc_out):
+    dtype = _acc_dtype(hidden.dtype) if acc_out else hidden.dtype
     return (
-        hidden.new_empty(hidden.shape),
-        weight.new_empty(weight.shape),
-        weight.new_empty(weight.shape[0] if has_bias else 0),
+        hidden.new_empty(hidden.shape, dtype=dtype),
+        weight.new_empty(weight.shape, dtype=dtype),
+        weight.new_empty(weight.shape[0] if has_bias else 0, dtype=dtype),
     )
 
 
@@ -386,12 +393,19 @@ def _vocab_lse_fake(hidden, weight, bias, inv_temperature, vocab_tile):
 
 
 @torch.library.register_fake("opdx::topk_vocab_lse_bwd")
-def _vocab_lse_bwd_fake(grad_lse, hidden, weight, bias, lse, inv_temperature, vocab_tile):
+def _vocab_lse_bwd_fake(grad_lse, hidden, weight, bias, lse, inv_temperature, vocab_tile, acc_out):
+    dtype = _acc_dtype(hidden.dtype) if acc_out else hidden.dtype
     return (
-        hidden.new_empty(hidden.shape),
-        weight.new_empty(weight.shape),
-        weight.new_empty(weight.shape[0] if bias is not None else 0),
+        hidden.new_empty(hidden.shape, dtype=dtype),
+        weight.new_empty(weight.shape, dtype=dtype),
+        weight.new_empty(weight.shape[0] if bias is not None else 0, dtype=dtype),
     )
+
+
+@torch.library.register_fake("opdx::topk_logits_tail")
+def _logits_tail_fake(hidden, weight, bias, ids, inv_temperature, vocab_tile, deterministic):
+    acc = _acc_dtype(hidden.dtype)
+    return hidden.new_empty(ids.shape, dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
 
 
 @torch.library.register_fake("opdx::teacher_topk")
@@ -417,7 +431,7 @@ def _gather_dot_backward(ctx, grad_z):
     hidden, weight, ids = ctx.saved_tensors
     grad_z = grad_z.to(_acc_dtype(hidden.dtype)).contiguous()
     gh, gw, gb = torch.ops.opdx.topk_gather_dot_bwd(grad_z, hidden, weight, ids, ctx.inv_temperature, ctx.has_bias,
-                                                    ctx.deterministic)
+                                                    ctx.deterministic, False)
     return gh, gw, (gb if ctx.has_bias else None), None, None, None
 
 
@@ -452,8 +466,40 @@ def _vocab_lse_setup(ctx, inputs, output):
 def _vocab_lse_backward(ctx, grad_lse):
     hidden, weight, bias, lse = ctx.saved_tensors
     gh, gw, gb = torch.ops.opdx.topk_vocab_lse_bwd(grad_lse.contiguous(), hidden, weight, bias, lse,
-                                                   ctx.inv_temperature, ctx.vocab_tile)
+                                                   ctx.inv_temperature, ctx.vocab_tile, False)
     return gh, gw, (gb if bias is not None else None), None, None
 
 
 torch.library.register_autograd("opdx::topk_vocab_lse", _vocab_lse_backward, setup_context=_vocab_lse_setup)
+
+
+def _logits_tail_setup(ctx, inputs, output):
+    hidden, weight, bias, ids, inv_temperature, vocab_tile, deterministic = inputs
+    _z, lse = output
+    ctx.save_for_backward(hidden, weight, bias, ids, lse)
+    ctx.inv_temperature = inv_temperature
+    ctx.vocab_tile = vocab_tile
+    ctx.deterministic = deterministic
+
+
+def _logits_tail_backward(ctx, grad_z, grad_lse):
+    """Both contributions (gather at the ids, softmax-weighted full vocab) come back in the accumulation dtype and are
+    added before one rounding to the parameter dtype: for bf16 they largely cancel on the top-k rows."""
+    hidden, weight, bias, ids, lse = ctx.saved_tensors
+    acc = lse.dtype
+    grad_z = torch.zeros(ids.shape, dtype=acc, device=lse.device) if grad_z is None else grad_z.to(acc).contiguous()
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(acc).contiguous()
+    has_bias = bias is not None
+    gh, gw, gb = torch.ops.opdx.topk_gather_dot_bwd(grad_z, hidden, weight, ids, ctx.inv_temperature, has_bias,
+                                                    ctx.deterministic, True)
+    gh2, gw2, gb2 = torch.ops.opdx.topk_vocab_lse_bwd(grad_lse, hidden, weight, bias, lse, ctx.inv_temperature,
+                                                      ctx.vocab_tile, True)
+    gh = gh.add_(gh2).to(hidden.dtype)
+    del gh2
+    gw = gw.add_(gw2).to(weight.dtype)
+    del gw2
+    gb = gb.add_(gb2).to(weight.dtype) if has_bias else None
+    return gh, gw, gb, None, None, None, None
+
+
+torch.library.register_autograd("opdx::topk_logits_tail", _logits_tail_backward, setup_context=_logits_tail_setup)
