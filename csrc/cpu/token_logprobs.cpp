@@ -91,12 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::
                                                                       double inv_temperature, int64_t ignore_index,
                                                                       bool compute_entropy, bool inplace_backward) {
   (void)inplace_backward;
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.is_contiguous(),
-              "opdx::token_logprobs_fwd: targets must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(targets.numel() == num_rows(logits), "opdx::token_logprobs_fwd: targets has ", targets.numel(),
-              " entries but logits has ", num_rows(logits), " rows");
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = logits.options().dtype(acc_dtype);
+  check_token_logprobs_fwd_inputs(logits, targets);
+  const auto opts = logits.options().dtype(acc_dtype_for(logits));
   const int64_t N = targets.numel();
   at::Tensor logp = at::empty({N}, opts);
   at::Tensor lse = at::empty({N}, opts);
@@ -108,22 +104,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::
   return {logp, lse, entropy};
 }
 
-void check_bwd_inputs(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& targets,
-                      const at::Tensor& lse) {
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_logp.scalar_type() == acc_dtype && lse.scalar_type() == acc_dtype,
-              "opdx::token_logprobs_bwd: grad_logp and lse must be ", acc_dtype);
-  TORCH_CHECK(grad_logp.is_contiguous() && lse.is_contiguous() && targets.is_contiguous(),
-              "opdx::token_logprobs_bwd: grad_logp, lse and targets must be contiguous");
-  TORCH_CHECK(grad_logp.numel() == targets.numel() && lse.numel() == targets.numel(),
-              "opdx::token_logprobs_bwd: grad_logp, lse and targets must have one entry per row");
-}
-
 at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
                                   const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                   const c10::optional<at::Tensor>& entropy, double inv_temperature,
                                   int64_t ignore_index) {
-  check_bwd_inputs(grad_logp, logits, targets, lse);
+  check_token_logprobs_bwd_inputs(grad_logp, logits, targets, lse);
   at::Tensor grad_logits = empty_large(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd_cpu", [&] {
     token_logprobs_bwd_rows<scalar_t>(grad_logp, grad_entropy, logits, targets, lse, entropy, inv_temperature,
@@ -136,7 +121,7 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& grad_logp, const c10::opti
                                     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                     const c10::optional<at::Tensor>& entropy, double inv_temperature,
                                     int64_t ignore_index) {
-  check_bwd_inputs(grad_logp, logits, targets, lse);
+  check_token_logprobs_bwd_inputs(grad_logp, logits, targets, lse);
   at::Tensor out = logits;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd_inplace_cpu",
                                   [&] {

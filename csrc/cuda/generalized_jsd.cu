@@ -10,13 +10,7 @@ std::tuple<at::Tensor, at::Tensor> generalized_jsd_fwd_cuda(const at::Tensor& st
                                                             const c10::optional<at::Tensor>& mask, double beta,
                                                             double inv_temperature, bool compute_grad,
                                                             bool grad_fp32) {
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "opdx::generalized_jsd_fwd: student and teacher ",
-              "dtypes differ (", student.scalar_type(), " vs ", teacher.scalar_type(), ")");
-  TORCH_CHECK(student.dim() >= 1 && student.sizes() == teacher.sizes(),
-              "opdx::generalized_jsd_fwd: student and teacher shapes differ: ", student.sizes(), " vs ",
-              teacher.sizes());
-  TORCH_CHECK(student.device() == teacher.device(), "opdx::generalized_jsd_fwd: student and teacher devices differ");
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "opdx::generalized_jsd_fwd: beta must be in [0, 1], got ", beta);
+  check_generalized_jsd_inputs(student, teacher, beta);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t N = num_rows(student);
   const int64_t V = student.size(-1);

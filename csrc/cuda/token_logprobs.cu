@@ -11,13 +11,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at:
                                                                        double inv_temperature, int64_t ignore_index,
                                                                        bool compute_entropy, bool inplace_backward) {
   (void)inplace_backward;
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.is_contiguous(),
-              "opdx::token_logprobs_fwd: targets must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(targets.numel() == num_rows(logits), "opdx::token_logprobs_fwd: targets has ", targets.numel(),
-              " entries but logits has ", num_rows(logits), " rows");
+  check_token_logprobs_fwd_inputs(logits, targets);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = logits.options().dtype(acc_dtype);
+  const auto opts = logits.options().dtype(acc_dtype_for(logits));
   const int64_t N = targets.numel();
   at::Tensor logp = at::empty({N}, opts);
   at::Tensor lse = at::empty({N}, opts);
@@ -40,11 +36,7 @@ void token_logprobs_bwd_into(const at::Tensor& grad_logp, const c10::optional<at
                              const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                              const c10::optional<at::Tensor>& entropy, double inv_temperature, int64_t ignore_index,
                              at::Tensor& grad_logits) {
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_logp.scalar_type() == acc_dtype && lse.scalar_type() == acc_dtype,
-              "opdx::token_logprobs_bwd: grad_logp and lse must be ", acc_dtype);
-  TORCH_CHECK(grad_logp.is_contiguous() && lse.is_contiguous() && targets.is_contiguous(),
-              "opdx::token_logprobs_bwd: grad_logp, lse and targets must be contiguous");
+  check_token_logprobs_bwd_inputs(grad_logp, logits, targets, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
   const bool use_entropy = grad_entropy.has_value() && entropy.has_value() && entropy->numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd_cuda", [&] {

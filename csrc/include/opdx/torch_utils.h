@@ -47,4 +47,38 @@ inline RowIndexer make_row_indexer(const at::Tensor& t) {
 
 inline int64_t num_rows(const at::Tensor& t) { return t.dim() <= 1 ? 1 : t.numel() / std::max<int64_t>(t.size(-1), 1); }
 
+// fp32 accumulation (and fp32 per-row outputs) for fp32/bf16/fp16 inputs; fp64 for fp64 inputs.
+inline at::ScalarType acc_dtype_for(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks the Python faces cannot express (they validate everything else with clearer messages).
+inline void check_token_logprobs_fwd_inputs(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.is_contiguous(),
+              "opdx::token_logprobs_fwd: targets must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(targets.numel() == num_rows(logits), "opdx::token_logprobs_fwd: targets has ", targets.numel(),
+              " entries but logits has ", num_rows(logits), " rows");
+}
+
+inline void check_token_logprobs_bwd_inputs(const at::Tensor& grad_logp, const at::Tensor& logits,
+                                            const at::Tensor& targets, const at::Tensor& lse) {
+  const auto acc_dtype = acc_dtype_for(logits);
+  TORCH_CHECK(grad_logp.scalar_type() == acc_dtype && lse.scalar_type() == acc_dtype,
+              "opdx::token_logprobs_bwd: grad_logp and lse must be ", acc_dtype);
+  TORCH_CHECK(grad_logp.is_contiguous() && lse.is_contiguous() && targets.is_contiguous(),
+              "opdx::token_logprobs_bwd: grad_logp, lse and targets must be contiguous");
+  TORCH_CHECK(grad_logp.numel() == targets.numel() && lse.numel() == targets.numel(),
+              "opdx::token_logprobs_bwd: grad_logp, lse and targets must have one entry per row");
+}
+
+inline void check_generalized_jsd_inputs(const at::Tensor& student, const at::Tensor& teacher, double beta) {
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "opdx::generalized_jsd_fwd: student and teacher ",
+              "dtypes differ (", student.scalar_type(), " vs ", teacher.scalar_type(), ")");
+  TORCH_CHECK(student.dim() >= 1 && student.sizes() == teacher.sizes(),
+              "opdx::generalized_jsd_fwd: student and teacher shapes differ: ", student.sizes(), " vs ",
+              teacher.sizes());
+  TORCH_CHECK(student.device() == teacher.device(), "opdx::generalized_jsd_fwd: student and teacher devices differ");
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "opdx::generalized_jsd_fwd: beta must be in [0, 1], got ", beta);
+}
+
 }  // namespace opdx
