@@ -23,4 +23,15 @@ TORCH_LIBRARY(opdx, m) {
   m.def(
       "token_logprobs_bwd_inplace(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor targets, "
       "Tensor lse, Tensor? entropy, float inv_temperature, int ignore_index) -> ()");
+
+  // Fused lm_head + log-softmax gather: log softmax((hidden·weightᵀ + bias) / T)[targets] without forming [N, V]
+  // (the vocabulary is swept in tiles of `tile` weight rows; tile <= 0 picks one). hidden [N, d], weight [V, d]
+  // (contiguous, same dtype), bias [V] or None, targets [N] int64. Returns (logp [N], lse [N]) in fp32 (fp64 for fp64).
+  m.def(
+      "linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float inv_temperature, "
+      "int ignore_index, int tile) -> (Tensor, Tensor)");
+  // Recomputes the logits tile by tile from the saved lse. Returns (grad_hidden, grad_weight, grad_bias or [0]).
+  m.def(
+      "linear_token_logprobs_bwd(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor lse, float inv_temperature, int ignore_index, int tile) -> (Tensor, Tensor, Tensor)");
 }

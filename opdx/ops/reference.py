@@ -19,3 +19,11 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_e
     entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)  # 0·log 0 = 0, with finite gradients
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
+
+
+def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
+    """token_logprobs of the explicitly formed logits hidden @ weight.T (+ bias)."""
+    logits = hidden @ weight.transpose(0, 1)
+    if bias is not None:
+        logits = logits + bias
+    return token_logprobs(logits, targets, temperature, ignore_index)
