@@ -34,4 +34,19 @@ TORCH_LIBRARY(opdx, m) {
   m.def(
       "linear_token_logprobs_bwd(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "Tensor lse, float inv_temperature, int ignore_index, int tile) -> (Tensor, Tensor, Tensor)");
+
+  // Fused lm_head + generalized JSD(beta) (see generalized_jsd): per-token loss between softmax((h_s·W_sᵀ + b_s) / T)
+  // and softmax((h_t·W_tᵀ + b_t) / T) over the first vocab_size columns, without forming [N, V]. Student and teacher
+  // have their own hidden sizes; mask [N] bool (False rows give 0) or None. Returns (loss [N], stats [4, N]) in fp32
+  // (fp64 for fp64); stats = (lse_s, lse_t, gradient anchor, row total) is what the backward needs.
+  m.def(
+      "linear_generalized_jsd_fwd(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
+      "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, int vocab_size, float beta, "
+      "float inv_temperature, int tile) -> (Tensor, Tensor)");
+  // Student gradients only: (grad_student_hidden, grad_student_weight, grad_student_bias or [0]).
+  m.def(
+      "linear_generalized_jsd_bwd(Tensor grad_loss, Tensor student_hidden, Tensor student_weight, "
+      "Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, "
+      "Tensor stats, int vocab_size, float beta, float inv_temperature, int tile) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -201,3 +201,186 @@ def test_ltl_memory_independent_of_vocab():
     (gh, gw), growth = peak_memory_growth(fwd_bwd)
     assert gw.shape == w.shape and torch.isfinite(gh).all()
     assert growth < 0.25 * nv, f"peak growth {growth / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# linear_generalized_jsd
+# ---------------------------------------------------------------------------------------------------------------------
+
+BETAS = [0.0, 0.5, 1.0, 0.1]
+
+
+def make_pair(n, ds, dt, vs, vt=None, dtype=torch.float32, device="cpu", bias=False, close=False):
+    """Student and teacher lm_heads; with close=True the teacher is a small perturbation of the student."""
+    sh, sw, sb = make_linear(n, ds, vs, dtype, device, bias)
+    if close:
+        th = (sh.double() + 0.01 * torch.randn(n, ds, dtype=torch.float64, device=device)).to(dtype)
+        tw, tb = sw, sb
+    else:
+        th, tw, tb = make_linear(n, dt, vt or vs, dtype, device, bias)
+    return sh, sw, sb, th, tw, tb
+
+
+def check_lgjsd(sh, sw, sb, th, tw, tb, beta, temperature=1.0, mask=None, vocab_size=None, vocab_tile=None,
+                grad_tol=None, fwd_tol=None):
+    x_h, x_w, x_b = leaves(sh, sw, sb)
+    t_h, t_w, t_b = leaves(th, tw, tb)
+    loss = opdx.ops.linear_generalized_jsd(x_h, x_w, t_h, t_w, beta=beta, temperature=temperature, mask=mask,
+                                           vocab_size=vocab_size, student_bias=x_b, teacher_bias=t_b,
+                                           vocab_tile=vocab_tile)
+    assert loss.dtype == (torch.float64 if sh.dtype == torch.float64 else torch.float32)
+    assert loss.shape == sh.shape[:-1]
+    assert (loss >= 0).all()
+    r_h, r_w, r_b = leaves(*(None if t is None else t.double() for t in (sh, sw, sb)))
+    up = [None if t is None else t.double() for t in (th, tw, tb)]
+    rloss = ref.linear_generalized_jsd(r_h, r_w, up[0], up[1], beta, temperature, mask, vocab_size, r_b, up[2])
+    tol = 1e-12 if sh.dtype == torch.float64 else (fwd_tol or 1e-5)
+    assert rel_err(loss, rloss) < tol
+    g = torch.rand_like(rloss) + 0.5
+    got = grads_of(loss, g, [x_h, x_w, x_b])
+    want = grads_of(rloss, g, [r_h, r_w, r_b])
+    for name, a, e in zip(("hidden", "weight", "bias"), got, want):
+        if e is None:
+            continue
+        assert a.dtype == sh.dtype and a.shape == e.shape, name
+        assert rel_err(a, e) < (grad_tol or GRAD_TOL[sh.dtype] * 5), name
+    assert all(t.grad is None for t in (t_h, t_w, t_b) if t is not None)  # the teacher gets no gradient
+    return loss
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, ds, dt, v, tile", [(1, 8, 8, 1, None), (9, 32, 48, 1000, None), (17, 64, 40, 4099, 512),
+                                                (6, 16, 24, 300, 7)])
+def test_lgjsd_matches_float64_reference(device, beta, dtype, n, ds, dt, v, tile):
+    pair = make_pair(n, ds, dt, v, dtype=dtype, device=device, bias=(v % 2 == 0))
+    check_lgjsd(*pair, beta, temperature=0.8, vocab_tile=tile)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_lgjsd_teacher_close_to_student(beta):
+    """Teacher ≈ student: losses are O(δ²) and must stay accurate (relative) and non-negative."""
+    pair = make_pair(12, 32, 32, 2000, close=True, bias=True)
+    check_lgjsd(*pair, beta, vocab_tile=300, fwd_tol=1e-4, grad_tol=1e-4)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_lgjsd_mask_and_vocab_alignment(beta):
+    n, v_tok = 10, 1500
+    sh, sw, sb = make_linear(n, 32, v_tok + 64, bias=True)   # padded differently: 1564 vs 1628 rows
+    th, tw, tb = make_linear(n, 24, v_tok + 128, bias=True)
+    mask = torch.rand(2, 5) < 0.7
+    mask[0, 0] = False
+    mask[1, 1] = True
+    with pytest.raises(ValueError, match="vocab_size"):
+        opdx.ops.linear_generalized_jsd(sh, sw, th, tw)
+    loss = check_lgjsd(sh.view(2, 5, 32), sw, sb, th.view(2, 5, 24), tw, tb, beta, mask=mask, vocab_size=v_tok,
+                       vocab_tile=256)
+    assert loss.shape == (2, 5) and (loss[~mask] == 0).all() and (loss[mask] > 0).all()
+    x_h, x_w, x_b = leaves(sh, sw, sb)
+    out = opdx.ops.linear_generalized_jsd(x_h, x_w, th, tw, beta=beta, mask=mask.view(-1), vocab_size=v_tok,
+                                          student_bias=x_b, teacher_bias=tb)
+    out.sum().backward()
+    assert (x_w.grad[v_tok:] == 0).all() and (x_b.grad[v_tok:] == 0).all()  # rows beyond vocab_size: no gradient
+    assert (x_h.grad[~mask.view(-1)] == 0).all()
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+def test_lgjsd_agrees_with_generalized_jsd_on_formed_logits(beta, temperature):
+    if not hasattr(opdx.ops, "generalized_jsd"):
+        pytest.skip("opdx.ops.generalized_jsd is not on this branch yet")
+    n, v = 20, 3000
+    sh, sw, sb, th, tw, tb = make_pair(n, 48, 32, v, bias=True)
+    mask = torch.rand(n) < 0.8
+    x_h, x_w, x_b = leaves(sh, sw, sb)
+    loss = opdx.ops.linear_generalized_jsd(x_h, x_w, th, tw, beta=beta, temperature=temperature, mask=mask,
+                                           student_bias=x_b, teacher_bias=tb, vocab_tile=640)
+    e_h, e_w, e_b = leaves(sh, sw, sb)
+    eloss = opdx.ops.generalized_jsd(e_h @ e_w.t() + e_b, th @ tw.t() + tb, beta=beta, temperature=temperature,
+                                     mask=mask)
+    assert rel_err(loss, eloss) < 1e-5
+    g = torch.rand(n) + 0.5
+    for a, e in zip(grads_of(loss, g, [x_h, x_w, x_b]), grads_of(eloss, g, [e_h, e_w, e_b])):
+        assert rel_err(a, e) < 2e-5
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_lgjsd_gradcheck_float64(beta):
+    sh, sw, sb, th, tw, tb = make_pair(5, 4, 3, 9, dtype=torch.float64, bias=True)
+    mask = torch.tensor([True, True, False, True, True])
+    x = leaves(sh, sw, sb)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: opdx.ops.linear_generalized_jsd(h, w, th, tw, beta=beta, temperature=0.9, mask=mask,
+                                                        student_bias=b, teacher_bias=tb, vocab_tile=4),
+        tuple(x),
+    )
+
+
+def test_lgjsd_opcheck_and_compile():
+    sh, sw, sb, th, tw, tb = make_pair(4, 8, 6, 33, bias=True)
+    args = (sh, sw, sb, th, tw, tb, None, 33, 0.5, 1.0, 8)
+    torch.library.opcheck(torch.ops.opdx.linear_generalized_jsd_fwd.default, args)
+    _, stats = torch.ops.opdx.linear_generalized_jsd_fwd(*args)
+    torch.library.opcheck(torch.ops.opdx.linear_generalized_jsd_bwd.default,
+                          (torch.randn(4), sh, sw, sb, th, tw, tb, None, stats, 33, 0.5, 1.0, 8))
+    torch._dynamo.reset()
+
+    def f(h, w, b):
+        return opdx.ops.linear_generalized_jsd(h, w, th, tw, beta=0.3, student_bias=b, teacher_bias=tb).mean()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    x, y = leaves(sh, sw, sb), leaves(sh, sw, sb)
+    out, ref_out = compiled(*x), f(*y)
+    assert torch.allclose(out, ref_out)
+    for a, e in zip(torch.autograd.grad(out, x), torch.autograd.grad(ref_out, y)):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-7)
+
+
+def _pair_bad(**over):
+    sh, sw, _, th, tw, _ = make_pair(3, 8, 6, 10)
+    kw = dict(student_hidden=sh, student_weight=sw, teacher_hidden=th, teacher_weight=tw)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize(
+    "over, opts, match",
+    [
+        (dict(teacher_hidden=torch.randn(4, 6)), {}, "leading"),
+        (dict(teacher_weight=torch.randn(10, 5)), {}, "hidden size"),
+        (dict(teacher_weight=torch.randn(12, 6)), {}, "vocab_size"),
+        ({}, dict(vocab_size=11), "vocab_size"),
+        ({}, dict(vocab_size=0), "vocab_size"),
+        ({}, dict(beta=1.5), "beta"),
+        ({}, dict(beta=float("nan")), "beta"),
+        ({}, dict(temperature=-1.0), "temperature"),
+        ({}, dict(mask=torch.ones(3)), "bool"),
+        ({}, dict(mask=torch.ones(4, dtype=torch.bool)), "mask"),
+        ({}, dict(student_bias=torch.randn(9)), "student_bias"),
+        (dict(student_weight=torch.randn(10, 8).double()), {}, "dtype"),
+        (dict(student_hidden=torch.randn(0, 8)), {}, "empty"),
+    ],
+)
+def test_lgjsd_bad_inputs(over, opts, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        opdx.ops.linear_generalized_jsd(**_pair_bad(**over), **opts)
+
+
+def test_lgjsd_memory_independent_of_vocab():
+    """fp32 forward + backward at N = 2048, d = 256, V = 262144 (teacher d = 256): peak growth < 25% of one [N, V]
+    fp32 tensor; the student's grad_W is 12.5% of it."""
+    sh, sw, _ = make_linear(MEM_N, MEM_D, MEM_V)
+    th, tw, _ = make_linear(MEM_N, MEM_D, MEM_V)
+    sh.requires_grad_(True)
+    sw.requires_grad_(True)
+    nv = MEM_N * MEM_V * 4
+
+    def fwd_bwd():
+        loss = opdx.ops.linear_generalized_jsd(sh, sw, th, tw, beta=0.5)
+        return torch.autograd.grad(loss.sum(), (sh, sw))
+
+    (gh, gw), growth = peak_memory_growth(fwd_bwd)
+    assert gw.shape == sw.shape and torch.isfinite(gh).all()
+    assert growth < 0.25 * nv, f"peak growth {growth / 2**20:.0f} MiB"

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "opdx/jsd_terms_tmp.h"  // TEMPORARY until the generalized_jsd numerics are on main
 #include "opdx/torch_utils.h"
 #include "row_kernels.h"
 
@@ -229,6 +230,258 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
   return {grads.hidden_grad(hidden), grads.grad_weight, grads.grad_bias};
 }
 
+// ------------------------------------------------------------------------------------------------------------------
+// linear_generalized_jsd
+// ------------------------------------------------------------------------------------------------------------------
+
+struct JsdInputs {
+  TiledLinear student;
+  TiledLinear teacher;
+  const bool* mask;
+  int64_t N;
+  int64_t V;
+};
+
+// Sweep 1: lse of both sides.
+// Also finds each row's most probable student entry (first maximum) and returns the gradient anchor there (see
+// jsd_anchor): the reference point that keeps the row total accurate for peaked rows.
+template <int kMode, typename acc_t>
+void jsd_lse_sweep(const JsdInputs& in, int64_t tile, acc_t beta, acc_t invT, acc_t* lse_s, acc_t* lse_t,
+                   acc_t* anchor) {
+  const int64_t N = in.N;
+  std::vector<SoftmaxStats<acc_t>> st_s(N, SoftmaxStats<acc_t>::empty());
+  std::vector<SoftmaxStats<acc_t>> st_t(N, SoftmaxStats<acc_t>::empty());
+  std::vector<acc_t> top_s(N, neg_inf<acc_t>()), top_t(N, acc_t(0));  // raw logits at the student's first maximum
+  at::Tensor buf_s = at::empty({N * tile}, in.student.h.options());
+  at::Tensor buf_t = at::empty({N * tile}, in.student.h.options());
+  for (int64_t v0 = 0; v0 < in.V; v0 += tile) {
+    const int64_t n = std::min(tile, in.V - v0);
+    at::Tensor Ls = tile_view(buf_s, N, n);
+    at::Tensor Lt = tile_view(buf_t, N, n);
+    in.student.logits(v0, n, Ls);
+    in.teacher.logits(v0, n, Lt);
+    acc_t* bs = Ls.data_ptr<acc_t>();
+    acc_t* bt = Lt.data_ptr<acc_t>();
+    at::parallel_for(0, N, epilogue_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (in.mask != nullptr && !in.mask[r]) continue;
+        acc_t* __restrict__ xs = bs + r * n;
+        acc_t* __restrict__ xt = bt + r * n;
+        if (kMode != kJsdForwardKL) {
+          const acc_t m = chunk_max(xs, n);
+          if (m > top_s[r]) {
+            int64_t i = 0;
+            while (i + 1 < n && !(xs[i] == m)) ++i;
+            top_s[r] = xs[i];
+            top_t[r] = xt[i];
+          }
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          xs[i] *= invT;
+          xt[i] *= invT;
+        }
+        st_s[r].merge(chunk_stats(xs, n, false));
+        st_t[r].merge(chunk_stats(xt, n, false));
+      }
+    });
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    const bool on = in.mask == nullptr || in.mask[r];
+    lse_s[r] = on ? st_s[r].logsumexp() : acc_t(0);
+    lse_t[r] = on ? st_t[r].logsumexp() : acc_t(0);
+    anchor[r] = acc_t(0);
+    if (on && kMode != kJsdForwardKL && top_s[r] > neg_inf<acc_t>()) {
+      const acc_t xs = top_s[r], xt = top_t[r];
+      anchor[r] = jsd_anchor<kMode>(beta, xs * invT - lse_s[r], xt * invT - lse_t[r],
+                                    jsd_delta(xs, xt, invT, lse_t[r] - lse_s[r]));
+    }
+  }
+}
+
+// Sweep 2: row loss and the row total the gradient needs (sums in double, as in generalized_jsd).
+template <int kMode, typename acc_t>
+void jsd_loss_sweep(const JsdInputs& in, int64_t tile, acc_t beta, acc_t invT, const acc_t* lse_s,
+                    const acc_t* lse_t, const acc_t* anchor, acc_t* loss_out, acc_t* total_out) {
+  const int64_t N = in.N;
+  std::vector<double> loss(N, 0.0), total(N, 0.0);
+  at::Tensor buf_s = at::empty({N * tile}, in.student.h.options());
+  at::Tensor buf_t = at::empty({N * tile}, in.student.h.options());
+  for (int64_t v0 = 0; v0 < in.V; v0 += tile) {
+    const int64_t n = std::min(tile, in.V - v0);
+    at::Tensor Ls = tile_view(buf_s, N, n);
+    at::Tensor Lt = tile_view(buf_t, N, n);
+    in.student.logits(v0, n, Ls);
+    in.teacher.logits(v0, n, Lt);
+    const acc_t* bs = Ls.data_ptr<acc_t>();
+    const acc_t* bt = Lt.data_ptr<acc_t>();
+    at::parallel_for(0, N, epilogue_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (in.mask != nullptr && !in.mask[r]) continue;
+        const acc_t* __restrict__ sp = bs + r * n;
+        const acc_t* __restrict__ tp = bt + r * n;
+        const acc_t ls0 = lse_s[r], lt0 = lse_t[r], c = lt0 - ls0, a = anchor[r];
+        for (int64_t start = 0; start < n; start += kChunk) {
+          const int64_t m = std::min(kChunk, n - start);
+          double l_chunk = 0, t_chunk = 0;
+#pragma omp simd reduction(+ : l_chunk, t_chunk)
+          for (int64_t i = start; i < start + m; ++i) {
+            const acc_t xs = sp[i];
+            const acc_t xt = tp[i];
+            acc_t l, k;
+            jsd_element<kMode>(beta, xs * invT - ls0, xt * invT - lt0, jsd_delta(xs, xt, invT, c), a, l, k);
+            l_chunk += l;
+            t_chunk += k;
+          }
+          loss[r] += l_chunk;
+          total[r] += t_chunk;
+        }
+      }
+    });
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    loss_out[r] = static_cast<acc_t>(loss[r]);
+    total_out[r] = static_cast<acc_t>(total[r]);
+  }
+}
+
+// Sweep 3 (backward): G = g·∂L/∂(x_s) tile by tile, then the gradient GEMMs of the student's linear layer.
+template <int kMode, typename acc_t>
+void jsd_grad_sweep(const JsdInputs& in, LinearGrads& grads, int64_t tile, acc_t beta, acc_t invT, const acc_t* g,
+                    const acc_t* lse_s, const acc_t* lse_t, const acc_t* anchor, const acc_t* total) {
+  const int64_t N = in.N;
+  at::Tensor buf_s = at::empty({N * tile}, in.student.h.options());
+  at::Tensor buf_t = at::empty({N * tile}, in.student.h.options());
+  for (int64_t v0 = 0; v0 < in.V; v0 += tile) {
+    const int64_t n = std::min(tile, in.V - v0);
+    at::Tensor Ls = tile_view(buf_s, N, n);
+    at::Tensor Lt = tile_view(buf_t, N, n);
+    at::Tensor wt = in.student.logits(v0, n, Ls);
+    in.teacher.logits(v0, n, Lt);
+    acc_t* bs = Ls.data_ptr<acc_t>();
+    const acc_t* bt = Lt.data_ptr<acc_t>();
+    at::parallel_for(0, N, epilogue_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        acc_t* __restrict__ sp = bs + r * n;
+        const acc_t* __restrict__ tp = bt + r * n;
+        if ((in.mask != nullptr && !in.mask[r]) || g[r] == acc_t(0)) {
+          std::fill(sp, sp + n, acc_t(0));
+          continue;
+        }
+        const acc_t ls0 = lse_s[r], lt0 = lse_t[r], c = lt0 - ls0, a = anchor[r], row_total = total[r];
+        const acc_t scale = g[r] * invT;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t xs = sp[i];
+          const acc_t xt = tp[i];
+          sp[i] = scale * jsd_element_grad<kMode>(beta, xs * invT - ls0, xt * invT - lt0,
+                                                  jsd_delta(xs, xt, invT, c), a, row_total);
+        }
+      }
+    });
+    grads.add_tile(in.student, Ls, wt, v0, n);
+  }
+}
+
+void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws, const c10::optional<at::Tensor>& bs,
+                      const at::Tensor& ht, const at::Tensor& wt, const c10::optional<at::Tensor>& bt,
+                      const c10::optional<at::Tensor>& mask, int64_t V, double beta) {
+  check_linear_inputs(op, hs, ws, bs, V);
+  check_linear_inputs(op, ht, wt, bt, V);
+  TORCH_CHECK(hs.size(0) == ht.size(0), op, ": student and teacher hidden have ", hs.size(0), " and ", ht.size(0),
+              " rows");
+  TORCH_CHECK(acc_dtype_of(hs) == acc_dtype_of(ht), op, ": student and teacher must both be float64 or neither");
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,
+                ": mask must be a contiguous bool tensor with one entry per row (", hs.size(0), ")");
+  }
+}
+
+template <typename Fn>
+void dispatch_jsd_mode(double beta, Fn&& fn) {
+  switch (jsd_mode_for_beta(beta)) {
+    case kJsdForwardKL:
+      fn(std::integral_constant<int, kJsdForwardKL>{});
+      break;
+    case kJsdReverseKL:
+      fn(std::integral_constant<int, kJsdReverseKL>{});
+      break;
+    default:
+      fn(std::integral_constant<int, kJsdMixture>{});
+  }
+}
+
+// Row statistics saved for the backward, packed as one [4, N] tensor: lse_s, lse_t, anchor, row total.
+enum JsdStat : int64_t { kLseS = 0, kLseT = 1, kAnchor = 2, kTotal = 3, kNumJsdStats = 4 };
+
+std::tuple<at::Tensor, at::Tensor> linear_generalized_jsd_fwd_cpu(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const c10::optional<at::Tensor>& student_bias,
+    const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const c10::optional<at::Tensor>& teacher_bias,
+    const c10::optional<at::Tensor>& mask, int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
+  const char* op = "opdx::linear_generalized_jsd_fwd";
+  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   mask, vocab_size, beta);
+  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
+                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
+                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  const auto opts = in.student.h.options();
+  at::Tensor loss = at::zeros({in.N}, opts);
+  at::Tensor stats = at::zeros({kNumJsdStats, in.N}, opts);
+  if (in.N == 0) return {loss, stats};
+  const int64_t t = choose_tile(tile, in.N, in.V);
+  AT_DISPATCH_FLOATING_TYPES(in.student.acc, "linear_generalized_jsd_fwd_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t invT = static_cast<acc_t>(inv_temperature);
+    const acc_t b = static_cast<acc_t>(beta);
+    acc_t* st = stats.mutable_data_ptr<acc_t>();
+    const int64_t N = in.N;
+    dispatch_jsd_mode(beta, [&](auto mode) {
+      constexpr int kMode = decltype(mode)::value;
+      jsd_lse_sweep<kMode, acc_t>(in, t, b, invT, st + kLseS * N, st + kLseT * N, st + kAnchor * N);
+      jsd_loss_sweep<kMode, acc_t>(in, t, b, invT, st + kLseS * N, st + kLseT * N, st + kAnchor * N,
+                                   loss.mutable_data_ptr<acc_t>(), st + kTotal * N);
+    });
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student_hidden, const at::Tensor& student_weight,
+    const c10::optional<at::Tensor>& student_bias, const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
+    const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
+    int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
+  const char* op = "opdx::linear_generalized_jsd_bwd";
+  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   mask, vocab_size, beta);
+  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
+                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
+                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  TORCH_CHECK(grad_loss.scalar_type() == in.student.acc && grad_loss.is_contiguous() && grad_loss.numel() == in.N,
+              op, ": grad_loss must be a contiguous [N] ", in.student.acc, " tensor");
+  TORCH_CHECK(stats.scalar_type() == in.student.acc && stats.is_contiguous() && stats.dim() == 2 &&
+                  stats.size(0) == kNumJsdStats && stats.size(1) == in.N,
+              op, ": stats must be the contiguous [4, N] row statistics returned by the forward");
+  LinearGrads grads(in.student, in.V, student_bias.has_value());
+  if (in.N == 0) {
+    grads.grad_weight.zero_();
+  } else {
+    const int64_t t = choose_tile(tile, in.N, in.V);
+    AT_DISPATCH_FLOATING_TYPES(in.student.acc, "linear_generalized_jsd_bwd_cpu", [&] {
+      using acc_t = scalar_t;
+      const acc_t* st = stats.const_data_ptr<acc_t>();
+      const int64_t N = in.N;
+      dispatch_jsd_mode(beta, [&](auto mode) {
+        jsd_grad_sweep<decltype(mode)::value, acc_t>(in, grads, t, static_cast<acc_t>(beta),
+                                                     static_cast<acc_t>(inv_temperature),
+                                                     grad_loss.const_data_ptr<acc_t>(), st + kLseS * N,
+                                                     st + kLseT * N, st + kAnchor * N, st + kTotal * N);
+      });
+    });
+  }
+  return {grads.hidden_grad(student_hidden), grads.grad_weight, grads.grad_bias};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace opdx
@@ -236,4 +489,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
 TORCH_LIBRARY_IMPL(opdx, CPU, m) {
   m.impl("linear_token_logprobs_fwd", &opdx::cpu::linear_token_logprobs_fwd_cpu);
   m.impl("linear_token_logprobs_bwd", &opdx::cpu::linear_token_logprobs_bwd_cpu);
+  m.impl("linear_generalized_jsd_fwd", &opdx::cpu::linear_generalized_jsd_fwd_cpu);
+  m.impl("linear_generalized_jsd_bwd", &opdx::cpu::linear_generalized_jsd_bwd_cpu);
 }

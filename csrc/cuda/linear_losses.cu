@@ -88,7 +88,7 @@ struct LinearGrads {
     }
     at::Tensor gw = grad_weight.narrow(0, v0, n);
     at::mm_out(gw, G.t(), lin.h);
-    if (grad_bias.numel() > 0) grad_bias.narrow(0, v0, n).copy_(G.sum(0, false, lin.acc));
+    if (grad_bias.numel() > 0) grad_bias.narrow(0, v0, n).copy_(at::sum(G, at::IntArrayRef{0}, false, lin.acc));
   }
 
   at::Tensor hidden_grad(const at::Tensor& hidden) const { return grad_h.to(hidden.scalar_type()); }
@@ -187,6 +187,169 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cuda(
   return {grads.hidden_grad(hidden), grads.grad_weight, grads.grad_bias};
 }
 
+// ------------------------------------------------------------------------------------------------------------------
+// linear_generalized_jsd
+// ------------------------------------------------------------------------------------------------------------------
+
+struct JsdInputs {
+  TiledLinear student;
+  TiledLinear teacher;
+  const bool* mask;
+  int64_t N;
+  int64_t V;
+};
+
+void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws, const c10::optional<at::Tensor>& bs,
+                      const at::Tensor& ht, const at::Tensor& wt, const c10::optional<at::Tensor>& bt,
+                      const c10::optional<at::Tensor>& mask, int64_t V, double beta) {
+  check_linear_inputs(op, hs, ws, bs, V);
+  check_linear_inputs(op, ht, wt, bt, V);
+  TORCH_CHECK(hs.size(0) == ht.size(0), op, ": student and teacher hidden have different row counts");
+  TORCH_CHECK(hs.scalar_type() == ht.scalar_type(), op, ": student and teacher dtypes differ");
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,
+                ": mask must be a contiguous bool tensor with one entry per row");
+  }
+}
+
+template <typename Fn>
+void dispatch_jsd_mode(double beta, Fn&& fn) {
+  switch (jsd_mode_for_beta(beta)) {
+    case kJsdForwardKL:
+      fn(std::integral_constant<int, kJsdForwardKL>{});
+      break;
+    case kJsdReverseKL:
+      fn(std::integral_constant<int, kJsdReverseKL>{});
+      break;
+    default:
+      fn(std::integral_constant<int, kJsdMixture>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_generalized_jsd_fwd_cuda(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const c10::optional<at::Tensor>& student_bias,
+    const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const c10::optional<at::Tensor>& teacher_bias,
+    const c10::optional<at::Tensor>& mask, int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
+  const char* op = "opdx::linear_generalized_jsd_fwd";
+  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   mask, vocab_size, beta);
+  const c10::cuda::CUDAGuard guard(student_hidden.device());
+  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
+                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
+                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  const int64_t N = in.N;
+  const auto opts = student_hidden.options().dtype(in.student.acc);
+  at::Tensor loss = at::zeros({N}, opts);
+  at::Tensor stats = at::zeros({4, N}, opts);
+  if (N == 0) return {loss, stats};
+  const int64_t t = choose_tile(tile, N, in.V);
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor run = at::empty({6, N}, opts);  // max_s, sum_s, max_t, sum_t, top_s, top_t
+  run.select(0, 0).fill_(-inf);
+  run.select(0, 1).zero_();
+  run.select(0, 2).fill_(-inf);
+  run.select(0, 3).zero_();
+  run.select(0, 4).fill_(-inf);
+  run.select(0, 5).zero_();
+  at::Tensor rows = at::empty({2, N}, opts.dtype(at::kDouble));  // sweep-2 accumulators: loss, total
+  at::Tensor buf_s = at::empty({N * t}, opts), buf_t = at::empty({N * t}, opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_hidden.scalar_type(),
+                                  "linear_generalized_jsd_fwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t invT = static_cast<acc_t>(inv_temperature), b = static_cast<acc_t>(beta);
+    acc_t* rp = run.mutable_data_ptr<acc_t>();
+    const JsdRunState<acc_t> state{rp, rp + N, rp + 2 * N, rp + 3 * N, rp + 4 * N, rp + 5 * N};
+    double* row_loss = rows.mutable_data_ptr<double>();
+    double* row_total = row_loss + N;
+    dispatch_jsd_mode(beta, [&](auto mode) {
+      constexpr int kMode = decltype(mode)::value;
+      for (int64_t v0 = 0; v0 < in.V; v0 += t) {  // sweep 1
+        const int64_t n = std::min(t, in.V - v0);
+        at::Tensor Ls = tile_view(buf_s, N, n), Lt = tile_view(buf_t, N, n);
+        in.student.logits(v0, n, Ls);
+        in.teacher.logits(v0, n, Lt);
+        check_launch(launch_jsd_lse_tile<kMode>(Ls.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(student_bias, v0),
+                                                Lt.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(teacher_bias, v0),
+                                                N, n, invT, in.mask, state, stream),
+                     "linear_generalized_jsd lse tile");
+      }
+      check_launch(launch_jsd_lse_finalize<kMode>(N, b, invT, in.mask, state, stats.mutable_data_ptr<acc_t>(),
+                                                  row_loss, row_total, stream),
+                   "linear_generalized_jsd lse finalize");
+      for (int64_t v0 = 0; v0 < in.V; v0 += t) {  // sweep 2
+        const int64_t n = std::min(t, in.V - v0);
+        at::Tensor Ls = tile_view(buf_s, N, n), Lt = tile_view(buf_t, N, n);
+        in.student.logits(v0, n, Ls);
+        in.teacher.logits(v0, n, Lt);
+        check_launch(launch_jsd_loss_tile<kMode>(Ls.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(student_bias, v0),
+                                                 Lt.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(teacher_bias, v0),
+                                                 N, n, b, invT, in.mask, stats.const_data_ptr<acc_t>(), row_loss,
+                                                 row_total, stream),
+                     "linear_generalized_jsd loss tile");
+      }
+      check_launch(launch_jsd_loss_finalize(N, row_loss, row_total, loss.mutable_data_ptr<acc_t>(),
+                                            stats.mutable_data_ptr<acc_t>(), stream),
+                   "linear_generalized_jsd loss finalize");
+    });
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& student_hidden, const at::Tensor& student_weight,
+    const c10::optional<at::Tensor>& student_bias, const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
+    const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
+    int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
+  const char* op = "opdx::linear_generalized_jsd_bwd";
+  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   mask, vocab_size, beta);
+  const c10::cuda::CUDAGuard guard(student_hidden.device());
+  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
+                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
+                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  const int64_t N = in.N;
+  TORCH_CHECK(grad_loss.scalar_type() == in.student.acc && grad_loss.is_contiguous() && grad_loss.numel() == N, op,
+              ": grad_loss must be a contiguous [N] ", in.student.acc, " tensor");
+  TORCH_CHECK(stats.scalar_type() == in.student.acc && stats.is_contiguous() && stats.dim() == 2 &&
+                  stats.size(0) == 4 && stats.size(1) == N,
+              op, ": stats must be the contiguous [4, N] row statistics returned by the forward");
+  LinearGrads grads(in.student, in.V, student_bias.has_value());
+  if (N == 0) {
+    grads.grad_weight.zero_();
+    return {grads.hidden_grad(student_hidden), grads.grad_weight, grads.grad_bias};
+  }
+  const int64_t t = choose_tile(tile, N, in.V);
+  const auto opts = student_hidden.options().dtype(in.student.acc);
+  at::Tensor buf_s = at::empty({N * t}, opts), buf_t = at::empty({N * t}, opts);
+  at::Tensor gbuf = at::empty({N * t}, student_weight.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_hidden.scalar_type(),
+                                  "linear_generalized_jsd_bwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using cuda_t = typename CudaType<scalar_t>::type;
+    dispatch_jsd_mode(beta, [&](auto mode) {
+      constexpr int kMode = decltype(mode)::value;
+      for (int64_t v0 = 0; v0 < in.V; v0 += t) {
+        const int64_t n = std::min(t, in.V - v0);
+        at::Tensor Ls = tile_view(buf_s, N, n), Lt = tile_view(buf_t, N, n), G = tile_view(gbuf, N, n);
+        in.student.logits(v0, n, Ls);
+        in.teacher.logits(v0, n, Lt);
+        check_launch(launch_jsd_grad_tile<kMode>(
+                         Ls.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(student_bias, v0),
+                         Lt.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(teacher_bias, v0), N, n,
+                         static_cast<acc_t>(beta), static_cast<acc_t>(inv_temperature), in.mask,
+                         grad_loss.const_data_ptr<acc_t>(), stats.const_data_ptr<acc_t>(),
+                         reinterpret_cast<cuda_t*>(G.mutable_data_ptr<scalar_t>()), stream),
+                     "linear_generalized_jsd grad tile");
+        grads.add_tile(in.student, G, v0, n);
+      }
+    });
+  });
+  return {grads.hidden_grad(student_hidden), grads.grad_weight, grads.grad_bias};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace opdx
@@ -194,4 +357,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cuda(
 TORCH_LIBRARY_IMPL(opdx, CUDA, m) {
   m.impl("linear_token_logprobs_fwd", &opdx::cuda::linear_token_logprobs_fwd_cuda);
   m.impl("linear_token_logprobs_bwd", &opdx::cuda::linear_token_logprobs_bwd_cuda);
+  m.impl("linear_generalized_jsd_fwd", &opdx::cuda::linear_generalized_jsd_fwd_cuda);
+  m.impl("linear_generalized_jsd_bwd", &opdx::cuda::linear_generalized_jsd_bwd_cuda);
 }

@@ -11,7 +11,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "`pip install --no-build-isolation -e .` (see README)."
     ) from exc
 
-from opdx.ops.linear import linear_token_logprobs  # noqa: E402
+from opdx.ops.linear import linear_generalized_jsd, linear_token_logprobs  # noqa: E402
 from opdx.ops.token_logprobs import token_logprobs  # noqa: E402
 
-__all__ = ["linear_token_logprobs", "token_logprobs"]
+__all__ = ["linear_generalized_jsd", "linear_token_logprobs", "token_logprobs"]

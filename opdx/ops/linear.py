@@ -12,7 +12,7 @@ uniform. Storing gradients in the forward would also hold grad_W ([V, d]) and gr
 backward. For token logprobs the forward needs only one sweep, so the recompute costs one tile GEMM per tile, exactly
 what a second forward sweep would; for the JSD the gradient needs the row total, which is only known after the second
 sweep, so a third pass over the tiles is needed either way. Saved for backward: the inputs (references, no copies) and
-two (token logprobs: one) float32 [N] row statistics plus the row total.
+O(N) float32 row statistics (token logprobs: lse; JSD: lse_s, lse_t, the gradient anchor and the row total).
 """
 
 from __future__ import annotations
@@ -140,3 +140,136 @@ def _ltl_backward(ctx, grad_logp, _grad_lse):
 
 
 torch.library.register_autograd("opdx::linear_token_logprobs_fwd", _ltl_backward, setup_context=_ltl_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# linear_generalized_jsd
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_beta(beta) -> float:
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise TypeError(f"beta must be a number in [0, 1], got {type(beta).__name__}") from None
+    if not (0.0 <= b <= 1.0):
+        raise ValueError(
+            f"beta must be in [0, 1] (0: KL(teacher‖student), 1: KL(student‖teacher), else the mixture), got {beta!r}"
+        )
+    return b
+
+
+def _check_vocab_size(vocab_size, vs: int, vt: int) -> int:
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(
+                f"student_weight has {vs} vocabulary rows but teacher_weight has {vt}. Models of one family often pad "
+                "the lm_head differently (e.g. 151936 vs 152064 rows); pass vocab_size=<the tokenizer's vocabulary "
+                f"size> to use only the first vocab_size rows of each (e.g. vocab_size={min(vs, vt)})"
+            )
+        return vs
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if not 1 <= vocab_size <= min(vs, vt):
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {min(vs, vt)}] (student has {vs} rows, teacher {vt})")
+    return vocab_size
+
+
+def linear_generalized_jsd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_tile: int | None = None,
+) -> torch.Tensor:
+    """Per-token generalized JSD(β) of the student's and teacher's lm_head outputs, without forming [N, V] logits.
+
+    Equals ``generalized_jsd(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
+    teacher_bias, beta=..., temperature=..., mask=..., vocab_size=...)`` to fp32 rounding, with the same numerics (the
+    shared per-entry JSD terms): β = 0 is exactly KL(P_T‖P_S), β = 1 exactly KL(P_S‖P_T), otherwise
+    β·KL(P_T‖M) + (1−β)·KL(P_S‖M) with M = β·P_T + (1−β)·P_S; per-token losses are >= 0.
+
+    Args:
+        student_hidden, teacher_hidden: ``[..., d_s]`` and ``[..., d_t]`` with equal leading dims (the hidden sizes may
+            differ) and one dtype: float32 / bfloat16 / float16 (float64 for gradcheck); bf16/fp16 are upcast to
+            float32 before the tile GEMMs.
+        student_weight, teacher_weight: ``[V_s, d_s]`` / ``[V_t, d_t]`` lm_head weights (dtype of their hidden).
+        beta: in [0, 1]. temperature: > 0, divides both logits.
+        mask: optional bool ``[...]``; True marks trained tokens, False rows give 0 loss and 0 gradient.
+        vocab_size: use only the first ``vocab_size`` rows of each weight (lm_heads padded differently); required
+            when V_s != V_t. The student's gradient is 0 in the rows beyond it.
+        student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` lm_head biases.
+        vocab_tile: vocabulary rows per tile (None: automatic).
+
+    Returns:
+        float32 per-token loss of shape ``student_hidden.shape[:-1]`` (float64 for float64 inputs). Differentiable
+        w.r.t. the student's hidden, weight and bias only; the teacher gets no gradient.
+    """
+    sh, sw, sb = _check_linear("student_", student_hidden, student_weight, student_bias)
+    th, tw, tb = _check_linear("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+    check_nonempty("student_hidden", student_hidden)
+    check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden, mask=mask)
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(
+            f"student_hidden is {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)}: their "
+            "leading (token) dims must match"
+        )
+    if student_hidden.dtype != teacher_hidden.dtype:
+        raise TypeError(
+            f"student is {student_hidden.dtype} but teacher is {teacher_hidden.dtype}; cast the teacher's hidden states "
+            "and lm_head to the student's dtype (values are upcast to float32 inside the op)"
+        )
+    vocab = _check_vocab_size(vocab_size, sw.shape[0], tw.shape[0])
+    b = _check_beta(beta)
+    inv_t = 1.0 / check_temperature(temperature)
+    flat_mask = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor (True = trained token), e.g. labels != -100")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but must match the hidden states' leading dims {lead}")
+        flat_mask = mask.reshape(-1).contiguous()
+    loss, _stats = torch.ops.opdx.linear_generalized_jsd_fwd(
+        sh, sw, sb, th.detach(), tw.detach(), None if tb is None else tb.detach(), flat_mask, vocab, b, inv_t,
+        _check_tile(vocab_tile),
+    )
+    return loss.view(lead)
+
+
+@torch.library.register_fake("opdx::linear_generalized_jsd_fwd")
+def _lgjsd_fwd_fake(sh, sw, sb, th, tw, tb, mask, vocab_size, beta, inv_temperature, tile):
+    n = sh.shape[0]
+    acc = _acc_dtype(sh.dtype)
+    return sh.new_empty(n, dtype=acc), sh.new_empty((4, n), dtype=acc)
+
+
+@torch.library.register_fake("opdx::linear_generalized_jsd_bwd")
+def _lgjsd_bwd_fake(grad, sh, sw, sb, th, tw, tb, mask, stats, vocab_size, beta, inv_temperature, tile):
+    return torch.empty_like(sh), torch.empty_like(sw), sw.new_empty(sw.shape[0] if sb is not None else 0)
+
+
+def _lgjsd_setup_context(ctx, inputs, output):
+    sh, sw, sb, th, tw, tb, mask, vocab_size, beta, inv_temperature, tile = inputs
+    _loss, stats = output
+    ctx.save_for_backward(sh, sw, sb, th, tw, tb, mask, stats)
+    ctx.args = (vocab_size, beta, inv_temperature, tile)
+    ctx.has_bias = sb is not None
+
+
+def _lgjsd_backward(ctx, grad_loss, _grad_stats):
+    sh, sw, sb, th, tw, tb, mask, stats = ctx.saved_tensors
+    grad_loss = torch.zeros_like(stats[0]) if grad_loss is None else grad_loss.to(stats.dtype).contiguous()
+    gh, gw, gb = torch.ops.opdx.linear_generalized_jsd_bwd(grad_loss, sh, sw, sb, th, tw, tb, mask, stats, *ctx.args)
+    return gh, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("opdx::linear_generalized_jsd_fwd", _lgjsd_backward,
+                                setup_context=_lgjsd_setup_context)
