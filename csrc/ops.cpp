@@ -30,10 +30,11 @@ TORCH_LIBRARY(opdx, m) {
   m.def(
       "linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float inv_temperature, "
       "int ignore_index, int tile) -> (Tensor, Tensor)");
-  // Recomputes the logits tile by tile from the saved lse. Returns (grad_hidden, grad_weight, grad_bias or [0]).
+  // Recomputes the logits tile by tile from the saved lse. Returns (grad_hidden, grad_weight, grad_bias or [0]);
+  // weight_grad = false (frozen lm_head) skips grad_weight / grad_bias (returned as [0]).
   m.def(
       "linear_token_logprobs_bwd(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-      "Tensor lse, float inv_temperature, int ignore_index, int tile) -> (Tensor, Tensor, Tensor)");
+      "Tensor lse, float inv_temperature, int ignore_index, int tile, bool weight_grad) -> (Tensor, Tensor, Tensor)");
 
   // Fused lm_head + generalized JSD(beta) (see generalized_jsd): per-token loss between softmax((h_s·W_sᵀ + b_s) / T)
   // and softmax((h_t·W_tᵀ + b_t) / T) over the first vocab_size columns, without forming [N, V]. Student and teacher
@@ -43,10 +44,10 @@ TORCH_LIBRARY(opdx, m) {
       "linear_generalized_jsd_fwd(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
       "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, int vocab_size, float beta, "
       "float inv_temperature, int tile) -> (Tensor, Tensor)");
-  // Student gradients only: (grad_student_hidden, grad_student_weight, grad_student_bias or [0]).
+  // Student gradients only: (grad_student_hidden, grad_student_weight, grad_student_bias or [0]); weight_grad as above.
   m.def(
       "linear_generalized_jsd_bwd(Tensor grad_loss, Tensor student_hidden, Tensor student_weight, "
       "Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, "
-      "Tensor stats, int vocab_size, float beta, float inv_temperature, int tile) "
+      "Tensor stats, int vocab_size, float beta, float inv_temperature, int tile, bool weight_grad) "
       "-> (Tensor, Tensor, Tensor)");
 }

@@ -89,19 +89,23 @@ struct LinearGrads {
   at::Tensor grad_bias;    // [V_full] weight dtype or [0]
   at::Tensor grad_bias_acc;
 
-  LinearGrads(const TiledLinear& lin, int64_t V, bool with_bias) {
+  LinearGrads(const TiledLinear& lin, int64_t V, bool with_bias, bool weight_grad) {
     const int64_t N = lin.h.size(0);
     const int64_t d = lin.h.size(1);
     const int64_t V_full = lin.weight.size(0);
     grad_h = at::zeros({N, d}, lin.h.options());
-    grad_weight = V == V_full ? empty_large({V_full, d}, lin.weight.options())
-                              : at::zeros({V_full, d}, lin.weight.options());
-    grad_bias = with_bias ? at::zeros({V_full}, lin.weight.options()) : at::empty({0}, lin.weight.options());
+    // weight_grad = false (frozen lm_head): no grad_W / grad_b and no Gᵀ·h GEMMs.
+    grad_weight = !weight_grad ? at::empty({0}, lin.weight.options())
+                  : V == V_full ? empty_large({V_full, d}, lin.weight.options())
+                                : at::zeros({V_full, d}, lin.weight.options());
+    grad_bias = with_bias && weight_grad ? at::zeros({V_full}, lin.weight.options())
+                                         : at::empty({0}, lin.weight.options());
   }
 
   // G: [N, n] gradient w.r.t. the tile's (raw) logits; wt: the upcast weight tile [n, d].
   void add_tile(const TiledLinear& lin, const at::Tensor& G, const at::Tensor& wt, int64_t v0, int64_t n) {
     grad_h.addmm_(G, wt);
+    if (grad_weight.numel() == 0) return;
     at::Tensor gw = grad_weight.narrow(0, v0, n);
     if (gw.scalar_type() == lin.acc) {
       at::mm_out(gw, G.t(), lin.h);
@@ -208,7 +212,7 @@ void tlp_bwd_impl(const TiledLinear& lin, LinearGrads& grads, const int64_t* tgt
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double inv_temperature,
-    int64_t ignore_index, int64_t tile) {
+    int64_t ignore_index, int64_t tile, bool weight_grad) {
   const int64_t V = weight.size(0);
   check_linear_inputs("opdx::linear_token_logprobs_bwd", hidden, weight, bias, V);
   const int64_t N = hidden.size(0);
@@ -216,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
   TORCH_CHECK(grad_logp.scalar_type() == lin.acc && lse.scalar_type() == lin.acc && grad_logp.is_contiguous() &&
                   lse.is_contiguous() && grad_logp.numel() == N && lse.numel() == N,
               "opdx::linear_token_logprobs_bwd: grad_logp and lse must be contiguous [N] ", lin.acc, " tensors");
-  LinearGrads grads(lin, V, bias.has_value());
+  LinearGrads grads(lin, V, bias.has_value(), weight_grad);
   if (N > 0) {
     const int64_t t = choose_tile(tile, N, V);
     AT_DISPATCH_FLOATING_TYPES(lin.acc, "linear_token_logprobs_bwd_cpu", [&] {
@@ -450,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student_hidden, const at::Tensor& student_weight,
     const c10::optional<at::Tensor>& student_bias, const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
     const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
-    int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
+    int64_t vocab_size, double beta, double inv_temperature, int64_t tile, bool weight_grad) {
   const char* op = "opdx::linear_generalized_jsd_bwd";
   check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                    mask, vocab_size, beta);
@@ -462,9 +466,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cpu(
   TORCH_CHECK(stats.scalar_type() == in.student.acc && stats.is_contiguous() && stats.dim() == 2 &&
                   stats.size(0) == kNumJsdStats && stats.size(1) == in.N,
               op, ": stats must be the contiguous [4, N] row statistics returned by the forward");
-  LinearGrads grads(in.student, in.V, student_bias.has_value());
+  LinearGrads grads(in.student, in.V, student_bias.has_value(), weight_grad);
   if (in.N == 0) {
-    grads.grad_weight.zero_();
+    grads.grad_weight.zero_();  // (empty when !weight_grad)
   } else {
     const int64_t t = choose_tile(tile, in.N, in.V);
     AT_DISPATCH_FLOATING_TYPES(in.student.acc, "linear_generalized_jsd_bwd_cpu", [&] {

@@ -70,12 +70,14 @@ struct LinearGrads {
   at::Tensor grad_weight;
   at::Tensor grad_bias;
 
-  LinearGrads(const TiledLinear& lin, int64_t V, bool with_bias) {
+  LinearGrads(const TiledLinear& lin, int64_t V, bool with_bias, bool weight_grad) {
     const int64_t N = lin.h.size(0), d = lin.h.size(1), V_full = lin.weight.size(0);
     grad_h = at::zeros({N, d}, lin.h.options().dtype(lin.acc));
-    grad_weight = V == V_full ? at::empty({V_full, d}, lin.weight.options())
-                              : at::zeros({V_full, d}, lin.weight.options());
-    grad_bias = with_bias ? at::zeros({V_full}, lin.weight.options()) : at::empty({0}, lin.weight.options());
+    grad_weight = !weight_grad ? at::empty({0}, lin.weight.options())
+                  : V == V_full ? at::empty({V_full, d}, lin.weight.options())
+                                : at::zeros({V_full, d}, lin.weight.options());
+    grad_bias = with_bias && weight_grad ? at::zeros({V_full}, lin.weight.options())
+                                         : at::empty({0}, lin.weight.options());
   }
 
   // G: [N, n] in the weight dtype (the tile's gradient w.r.t. its raw logits).
@@ -86,6 +88,7 @@ struct LinearGrads {
     } else {
       at::addmm_out(grad_h, grad_h, G, wt, lin.acc);  // fp32 accumulator, bf16/fp16 tensor-core GEMM
     }
+    if (grad_weight.numel() == 0) return;
     at::Tensor gw = grad_weight.narrow(0, v0, n);
     at::mm_out(gw, G.t(), lin.h);
     if (grad_bias.numel() > 0) grad_bias.narrow(0, v0, n).copy_(at::sum(G, at::IntArrayRef{0}, false, lin.acc));
@@ -125,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd_cuda(const at::Tens
   at::Tensor target_x = at::zeros({N}, opts);
   at::Tensor buf = at::empty({N * t}, opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "linear_token_logprobs_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "linear_token_logprobs_fwd_cuda",
+                                  [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     for (int64_t v0 = 0; v0 < V; v0 += t) {
       const int64_t n = std::min(t, V - v0);
@@ -149,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cuda(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double inv_temperature,
-    int64_t ignore_index, int64_t tile) {
+    int64_t ignore_index, int64_t tile, bool weight_grad) {
   const char* op = "opdx::linear_token_logprobs_bwd";
   const int64_t V = weight.size(0);
   check_linear_inputs(op, hidden, weight, bias, V);
@@ -159,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cuda(
   TORCH_CHECK(grad_logp.scalar_type() == lin.acc && lse.scalar_type() == lin.acc && grad_logp.is_contiguous() &&
                   lse.is_contiguous() && grad_logp.numel() == N && lse.numel() == N,
               op, ": grad_logp and lse must be contiguous [N] ", lin.acc, " tensors");
-  LinearGrads grads(lin, V, bias.has_value());
+  LinearGrads grads(lin, V, bias.has_value(), weight_grad);
   if (N == 0) {
     grads.grad_weight.zero_();
     return {grads.hidden_grad(hidden), grads.grad_weight, grads.grad_bias};
@@ -168,7 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cuda(
   at::Tensor buf = at::empty({N * t}, hidden.options().dtype(lin.acc));
   at::Tensor gbuf = at::empty({N * t}, weight.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "linear_token_logprobs_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "linear_token_logprobs_bwd_cuda",
+                                  [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     using cuda_t = typename CudaType<scalar_t>::type;
     for (int64_t v0 = 0; v0 < V; v0 += t) {
@@ -301,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& student_hidden, const at::Tensor& student_weight,
     const c10::optional<at::Tensor>& student_bias, const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
     const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
-    int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
+    int64_t vocab_size, double beta, double inv_temperature, int64_t tile, bool weight_grad) {
   const char* op = "opdx::linear_generalized_jsd_bwd";
   check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                    mask, vocab_size, beta);
@@ -315,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cuda(
   TORCH_CHECK(stats.scalar_type() == in.student.acc && stats.is_contiguous() && stats.dim() == 2 &&
                   stats.size(0) == 4 && stats.size(1) == N,
               op, ": stats must be the contiguous [4, N] row statistics returned by the forward");
-  LinearGrads grads(in.student, in.V, student_bias.has_value());
+  LinearGrads grads(in.student, in.V, student_bias.has_value(), weight_grad);
   if (N == 0) {
     grads.grad_weight.zero_();
     return {grads.hidden_grad(student_hidden), grads.grad_weight, grads.grad_bias};

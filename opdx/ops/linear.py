@@ -4,7 +4,7 @@ tile by tile over the vocabulary, never forming the [N, V] logits.
 Sweeps (see csrc/cpu/linear_losses.cpp): the forward computes the row logsumexps over vocabulary tiles (and, for the
 JSD, a second sweep for the row loss and the row total its gradient needs); the backward recomputes each tile's
 logits from the saved O(N) row statistics and feeds the gradient coefficients of the tile straight into the two
-gradient GEMMs (grad_h += G·W_tile, grad_W_tile = Gᵀ·h).
+gradient GEMMs (grad_h += G·W_tile, grad_W_tile = Gᵀ·h; skipped, with grad_W, when the lm_head is frozen).
 
 Why the backward recomputes instead of the forward storing gradients: the ops return per-token values, so the upstream
 gradient is a vector g [N], and grad_W = Σ_r g_r·(∂L_r/∂logits_r)ᵀ·h_r cannot be rescaled after the fact unless g is
@@ -38,7 +38,9 @@ def _check_tile(vocab_tile) -> int:
 
 
 def _check_linear(prefix: str, hidden, weight, bias):
-    """Validates one lm_head (hidden [..., d], weight [V, d], bias [V] or None); returns (hidden [N, d], weight, bias)."""
+    """Validates one lm_head (hidden [..., d], weight [V, d], bias [V] or None).
+
+    Returns (hidden as [N, d], weight contiguous, bias contiguous or None)."""
     h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
     check_tensor(h_name, hidden, dtypes=FLOAT_DTYPES, min_dim=1)
     check_tensor(w_name, weight, dtypes=FLOAT_DTYPES)
@@ -59,7 +61,9 @@ def _check_linear(prefix: str, hidden, weight, bias):
     if bias is not None:
         check_tensor(b_name, bias, dtypes=(weight.dtype,))
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{b_name} must have shape [{weight.shape[0]}] (= {w_name}.shape[0]), got {tuple(bias.shape)}")
+            raise ValueError(
+                f"{b_name} must have shape [{weight.shape[0]}] (= {w_name}.shape[0]), got {tuple(bias.shape)}"
+            )
         bias = bias.contiguous()
     return hidden.reshape(-1, hidden.shape[-1]), weight.contiguous(), bias
 
@@ -116,11 +120,15 @@ def _ltl_fwd_fake(hidden, weight, bias, targets, inv_temperature, ignore_index, 
 
 
 @torch.library.register_fake("opdx::linear_token_logprobs_bwd")
-def _ltl_bwd_fake(grad_logp, hidden, weight, bias, targets, lse, inv_temperature, ignore_index, tile):
+def _ltl_bwd_fake(grad_logp, hidden, weight, bias, targets, lse, inv_temperature, ignore_index, tile, weight_grad):
+    return _linear_grads_fake(hidden, weight, bias, weight_grad)
+
+
+def _linear_grads_fake(hidden, weight, bias, weight_grad):
     return (
         torch.empty_like(hidden),
-        torch.empty_like(weight),
-        weight.new_empty(weight.shape[0] if bias is not None else 0),
+        torch.empty_like(weight) if weight_grad else weight.new_empty(0),
+        weight.new_empty(weight.shape[0] if bias is not None and weight_grad else 0),
     )
 
 
@@ -135,8 +143,11 @@ def _ltl_setup_context(ctx, inputs, output):
 def _ltl_backward(ctx, grad_logp, _grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
-    gh, gw, gb = torch.ops.opdx.linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, targets, lse, *ctx.args)
-    return gh, gw, (gb if ctx.has_bias else None), None, None, None, None
+    weight_grad = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    gh, gw, gb = torch.ops.opdx.linear_token_logprobs_bwd(grad_logp, hidden, weight, bias, targets, lse, *ctx.args,
+                                                          weight_grad)
+    return (gh if ctx.needs_input_grad[0] else None, gw if weight_grad else None,
+            gb if ctx.has_bias and weight_grad else None, None, None, None, None)
 
 
 torch.library.register_autograd("opdx::linear_token_logprobs_fwd", _ltl_backward, setup_context=_ltl_setup_context)
@@ -235,7 +246,9 @@ def linear_generalized_jsd(
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a bool tensor (True = trained token), e.g. labels != -100")
         if tuple(mask.shape) != lead:
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but must match the hidden states' leading dims {lead}")
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but must match the hidden states' leading dims {lead}"
+            )
         flat_mask = mask.reshape(-1).contiguous()
     loss, _stats = torch.ops.opdx.linear_generalized_jsd_fwd(
         sh, sw, sb, th.detach(), tw.detach(), None if tb is None else tb.detach(), flat_mask, vocab, b, inv_t,
@@ -252,8 +265,8 @@ def _lgjsd_fwd_fake(sh, sw, sb, th, tw, tb, mask, vocab_size, beta, inv_temperat
 
 
 @torch.library.register_fake("opdx::linear_generalized_jsd_bwd")
-def _lgjsd_bwd_fake(grad, sh, sw, sb, th, tw, tb, mask, stats, vocab_size, beta, inv_temperature, tile):
-    return torch.empty_like(sh), torch.empty_like(sw), sw.new_empty(sw.shape[0] if sb is not None else 0)
+def _lgjsd_bwd_fake(grad, sh, sw, sb, th, tw, tb, mask, stats, vocab_size, beta, inv_temperature, tile, weight_grad):
+    return _linear_grads_fake(sh, sw, sb, weight_grad)
 
 
 def _lgjsd_setup_context(ctx, inputs, output):
@@ -267,8 +280,11 @@ def _lgjsd_setup_context(ctx, inputs, output):
 def _lgjsd_backward(ctx, grad_loss, _grad_stats):
     sh, sw, sb, th, tw, tb, mask, stats = ctx.saved_tensors
     grad_loss = torch.zeros_like(stats[0]) if grad_loss is None else grad_loss.to(stats.dtype).contiguous()
-    gh, gw, gb = torch.ops.opdx.linear_generalized_jsd_bwd(grad_loss, sh, sw, sb, th, tw, tb, mask, stats, *ctx.args)
-    return gh, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None, None, None
+    weight_grad = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    gh, gw, gb = torch.ops.opdx.linear_generalized_jsd_bwd(grad_loss, sh, sw, sb, th, tw, tb, mask, stats, *ctx.args,
+                                                           weight_grad)
+    return (gh if ctx.needs_input_grad[0] else None, gw if weight_grad else None,
+            gb if ctx.has_bias and weight_grad else None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("opdx::linear_generalized_jsd_fwd", _lgjsd_backward,
