@@ -6,6 +6,8 @@
 // and feed grad_h += G·W_tile (fp32 accumulator via addmm with an fp32 output) and grad_W_tile = Gᵀ·h.
 // Follow-up: a fused sm_90a wgmma kernel with this epilogue in registers, and row-chunked full-vocabulary passes
 // (fewer recomputed GEMMs) where memory allows; measure against this version.
+#include <limits>
+
 #include "linear_losses_kernels.cuh"
 #include "torch_cuda_utils.h"
 
