@@ -60,8 +60,7 @@ def impls(op):
         "opdx_linear": lambda sh, sw, th, tw: opdx.ops.linear_generalized_jsd(sh, sw, th, tw, beta=0.5),
         "materialize_eager": eager_jsd,
     }
-    if hasattr(opdx.ops, "generalized_jsd"):
-        out["materialize_opdx_gjsd"] = logits_then_opdx_gjsd
+    out["materialize_opdx_gjsd"] = logits_then_opdx_gjsd
     return out
 
 

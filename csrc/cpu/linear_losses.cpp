@@ -14,7 +14,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include "opdx/jsd_terms_tmp.h"  // TEMPORARY until the generalized_jsd numerics are on main
 #include "opdx/torch_utils.h"
 #include "row_kernels.h"
 

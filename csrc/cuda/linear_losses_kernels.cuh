@@ -11,7 +11,6 @@
 #pragma once
 
 #include "cuda_common.cuh"
-#include "opdx/jsd_terms_tmp.h"  // TEMPORARY until the generalized_jsd numerics are on main
 
 namespace opdx {
 namespace cuda {

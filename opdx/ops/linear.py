@@ -27,6 +27,7 @@ from opdx.ops._checks import (
     check_temperature,
     check_tensor,
 )
+from opdx.ops.generalized_jsd import _check_beta  # the same β validation and messages as generalized_jsd
 
 
 def _check_tile(vocab_tile) -> int:
@@ -156,18 +157,6 @@ torch.library.register_autograd("opdx::linear_token_logprobs_fwd", _ltl_backward
 # ---------------------------------------------------------------------------------------------------------------------
 # linear_generalized_jsd
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_beta(beta) -> float:
-    try:
-        b = float(beta)
-    except (TypeError, ValueError):
-        raise TypeError(f"beta must be a number in [0, 1], got {type(beta).__name__}") from None
-    if not (0.0 <= b <= 1.0):
-        raise ValueError(
-            f"beta must be in [0, 1] (0: KL(teacher‖student), 1: KL(student‖teacher), else the mixture), got {beta!r}"
-        )
-    return b
 
 
 def _check_vocab_size(vocab_size, vs: int, vt: int) -> int:
