@@ -61,4 +61,31 @@ TORCH_LIBRARY(opdx, m) {
   // Fused per-row top-k + logsumexp of logits·inv_temperature: (ids [N, k] int64 sorted by value desc, full-vocab
   // log-probs [N, k], lse [N]).
   m.def("teacher_topk(Tensor logits, int k, float inv_temperature) -> (Tensor, Tensor, Tensor)");
+
+  // Fused lm_head + log-softmax gather: log softmax((hidden·weightᵀ + bias) / T)[targets] without forming [N, V]
+  // (the vocabulary is swept in tiles of `tile` weight rows; tile <= 0 picks one). hidden [N, d], weight [V, d]
+  // (contiguous, same dtype), bias [V] or None, targets [N] int64. Returns (logp [N], lse [N]) in fp32 (fp64 for fp64).
+  m.def(
+      "linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float inv_temperature, "
+      "int ignore_index, int tile) -> (Tensor, Tensor)");
+  // Recomputes the logits tile by tile from the saved lse. Returns (grad_hidden, grad_weight, grad_bias or [0]);
+  // weight_grad = false (frozen lm_head) skips grad_weight / grad_bias (returned as [0]).
+  m.def(
+      "linear_token_logprobs_bwd(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor lse, float inv_temperature, int ignore_index, int tile, bool weight_grad) -> (Tensor, Tensor, Tensor)");
+
+  // Fused lm_head + generalized JSD(beta) (see generalized_jsd): per-token loss between softmax((h_s·W_sᵀ + b_s) / T)
+  // and softmax((h_t·W_tᵀ + b_t) / T) over the first vocab_size columns, without forming [N, V]. Student and teacher
+  // have their own hidden sizes; mask [N] bool (False rows give 0) or None. Returns (loss [N], stats [4, N]) in fp32
+  // (fp64 for fp64); stats = (lse_s, lse_t, gradient anchor, row total) is what the backward needs.
+  m.def(
+      "linear_generalized_jsd_fwd(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
+      "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, int vocab_size, float beta, "
+      "float inv_temperature, int tile) -> (Tensor, Tensor)");
+  // Student gradients only: (grad_student_hidden, grad_student_weight, grad_student_bias or [0]); weight_grad as above.
+  m.def(
+      "linear_generalized_jsd_bwd(Tensor grad_loss, Tensor student_hidden, Tensor student_weight, "
+      "Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask, "
+      "Tensor stats, int vocab_size, float beta, float inv_temperature, int tile, bool weight_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -14,6 +14,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
     ) from exc
 
 from opdx.ops.generalized_jsd import generalized_jsd  # noqa: E402
+from opdx.ops.linear import linear_generalized_jsd, linear_token_logprobs  # noqa: E402
 from opdx.ops.token_logprobs import token_logprobs  # noqa: E402
 from opdx.ops.topk import (  # noqa: E402
     teacher_topk,
@@ -25,6 +26,8 @@ from opdx.ops.topk import (  # noqa: E402
 
 __all__ = [
     "generalized_jsd",
+    "linear_generalized_jsd",
+    "linear_token_logprobs",
     "teacher_topk",
     "teacher_topk_from_hidden",
     "token_logprobs",

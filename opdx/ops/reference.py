@@ -112,3 +112,25 @@ def teacher_topk(logits, k, temperature=1.0):
     logp = torch.log_softmax(logits / temperature, dim=-1)
     lp, ids = torch.topk(logp, k, dim=-1)
     return ids, lp, torch.logsumexp(logits / temperature, dim=-1)
+
+
+def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
+    """token_logprobs of the explicitly formed logits hidden @ weight.T (+ bias)."""
+    logits = hidden @ weight.transpose(0, 1)
+    if bias is not None:
+        logits = logits + bias
+    return token_logprobs(logits, targets, temperature, ignore_index)
+
+
+def linear_generalized_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, beta=0.5, temperature=1.0,
+                           mask=None, vocab_size=None, student_bias=None, teacher_bias=None):
+    """generalized_jsd of the explicitly formed logits h·Wᵀ (+ b) of both sides, over the first vocab_size columns."""
+    s = student_hidden @ student_weight.transpose(0, 1)
+    t = teacher_hidden @ teacher_weight.transpose(0, 1)
+    if student_bias is not None:
+        s = s + student_bias
+    if teacher_bias is not None:
+        t = t + teacher_bias
+    if vocab_size is not None:
+        s, t = s[..., :vocab_size], t[..., :vocab_size]
+    return generalized_jsd(s, t, beta, temperature, mask)

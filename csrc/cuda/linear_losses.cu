@@ -1,0 +1,369 @@
+// Torch glue for the CUDA fused lm_head + loss ops; the epilogue kernels are in linear_losses_kernels.cuh.
+//
+// Each vocabulary tile: one cuBLAS GEMM (at::mm with an fp32 output, so bf16/fp16 inputs run on tensor cores with fp32
+// accumulation and no rounding of the logits) into a reused fp32 [N, tile] buffer, then the epilogue kernel. The
+// gradient coefficients of a tile are written in the weight dtype (bf16/fp16 tensor-core GEMMs, as Liger and CCE do)
+// and feed grad_h += G·W_tile (fp32 accumulator via addmm with an fp32 output) and grad_W_tile = Gᵀ·h.
+// Follow-up: a fused sm_90a wgmma kernel with this epilogue in registers, and row-chunked full-vocabulary passes
+// (fewer recomputed GEMMs) where memory allows; measure against this version.
+#include <limits>
+
+#include "linear_losses_kernels.cuh"
+#include "torch_cuda_utils.h"
+
+namespace opdx {
+namespace cuda {
+namespace {
+
+constexpr int64_t kTileElems = int64_t(1) << 23;
+
+int64_t choose_tile(int64_t requested, int64_t N, int64_t V) {
+  int64_t tile = requested;
+  if (tile <= 0) {
+    tile = kTileElems / std::max<int64_t>(N, 1);
+    tile = std::max<int64_t>(512, std::min<int64_t>(16384, tile));
+    tile = tile / 128 * 128;
+  }
+  return std::max<int64_t>(1, std::min(tile, V));
+}
+
+at::ScalarType acc_dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_linear_inputs(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, int64_t V) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), op,
+              ": hidden must be [N, d] and weight [V, d], got ", hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), op, ": hidden and weight dtypes differ");
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
+  TORCH_CHECK(V >= 1 && V <= weight.size(0), op, ": vocab size ", V, " must be in [1, ", weight.size(0), "]");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous() &&
+                    bias->scalar_type() == weight.scalar_type(),
+                op, ": bias must be a contiguous [V] tensor of the weight dtype");
+  }
+}
+
+// One lm_head viewed tile by tile. GEMMs read hidden/weight in their own dtype and write fp32 (fp64 for fp64).
+struct TiledLinear {
+  at::Tensor h;  // [N, d] contiguous, input dtype
+  at::Tensor weight;
+  c10::optional<at::Tensor> bias;
+  at::ScalarType acc;
+
+  TiledLinear(const at::Tensor& hidden, const at::Tensor& w, const c10::optional<at::Tensor>& b)
+      : h(hidden.contiguous()), weight(w), bias(b), acc(acc_dtype_of(hidden)) {}
+
+  at::Tensor weight_tile(int64_t v0, int64_t n) const { return weight.narrow(0, v0, n); }
+
+  // out [N, n] (acc dtype) = h·W_tileᵀ; the bias is added by the epilogue kernels.
+  void logits(int64_t v0, int64_t n, at::Tensor& out) const {
+    if (h.scalar_type() == acc) {
+      at::mm_out(out, h, weight_tile(v0, n).t());
+    } else {
+      at::mm_out(out, h, weight_tile(v0, n).t(), acc);
+    }
+  }
+};
+
+at::Tensor tile_view(const at::Tensor& buf, int64_t N, int64_t n) { return buf.narrow(0, 0, N * n).view({N, n}); }
+
+struct LinearGrads {
+  at::Tensor grad_h;  // [N, d] acc dtype
+  at::Tensor grad_weight;
+  at::Tensor grad_bias;
+
+  LinearGrads(const TiledLinear& lin, int64_t V, bool with_bias, bool weight_grad) {
+    const int64_t N = lin.h.size(0), d = lin.h.size(1), V_full = lin.weight.size(0);
+    grad_h = at::zeros({N, d}, lin.h.options().dtype(lin.acc));
+    grad_weight = !weight_grad ? at::empty({0}, lin.weight.options())
+                  : V == V_full ? at::empty({V_full, d}, lin.weight.options())
+                                : at::zeros({V_full, d}, lin.weight.options());
+    grad_bias = with_bias && weight_grad ? at::zeros({V_full}, lin.weight.options())
+                                         : at::empty({0}, lin.weight.options());
+  }
+
+  // G: [N, n] in the weight dtype (the tile's gradient w.r.t. its raw logits).
+  void add_tile(const TiledLinear& lin, const at::Tensor& G, int64_t v0, int64_t n) {
+    const at::Tensor wt = lin.weight_tile(v0, n);
+    if (G.scalar_type() == lin.acc) {
+      grad_h.addmm_(G, wt);
+    } else {
+      at::addmm_out(grad_h, grad_h, G, wt, lin.acc);  // fp32 accumulator, bf16/fp16 tensor-core GEMM
+    }
+    if (grad_weight.numel() == 0) return;
+    at::Tensor gw = grad_weight.narrow(0, v0, n);
+    at::mm_out(gw, G.t(), lin.h);
+    if (grad_bias.numel() > 0) grad_bias.narrow(0, v0, n).copy_(at::sum(G, at::IntArrayRef{0}, false, lin.acc));
+  }
+
+  at::Tensor hidden_grad(const at::Tensor& hidden) const { return grad_h.to(hidden.scalar_type()); }
+};
+
+template <typename scalar_t>
+const typename CudaType<scalar_t>::type* bias_tile_ptr(const c10::optional<at::Tensor>& bias, int64_t v0) {
+  return bias.has_value() ? cuda_ptr<scalar_t>(*bias) + v0 : nullptr;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// linear_token_logprobs
+// ------------------------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                                                  const c10::optional<at::Tensor>& bias,
+                                                                  const at::Tensor& targets, double inv_temperature,
+                                                                  int64_t ignore_index, int64_t tile) {
+  const char* op = "opdx::linear_token_logprobs_fwd";
+  const int64_t V = weight.size(0);
+  check_linear_inputs(op, hidden, weight, bias, V);
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.is_contiguous() &&
+                  targets.numel() == hidden.size(0),
+              op, ": targets must be a contiguous int64 [N] tensor");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const TiledLinear lin(hidden, weight, bias);
+  const int64_t N = hidden.size(0);
+  const auto opts = hidden.options().dtype(lin.acc);
+  at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts);
+  if (N == 0) return {logp, lse};
+  const int64_t t = choose_tile(tile, N, V);
+  at::Tensor run_max = at::full({N}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor run_sum = at::zeros({N}, opts);
+  at::Tensor target_x = at::zeros({N}, opts);
+  at::Tensor buf = at::empty({N * t}, opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "linear_token_logprobs_fwd_cuda",
+                                  [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    for (int64_t v0 = 0; v0 < V; v0 += t) {
+      const int64_t n = std::min(t, V - v0);
+      at::Tensor L = tile_view(buf, N, n);
+      lin.logits(v0, n, L);
+      check_launch(launch_tile_lse(L.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(bias, v0), N, n, v0,
+                                   static_cast<acc_t>(inv_temperature), targets.const_data_ptr<int64_t>(),
+                                   ignore_index, static_cast<const bool*>(nullptr), run_max.mutable_data_ptr<acc_t>(),
+                                   run_sum.mutable_data_ptr<acc_t>(), target_x.mutable_data_ptr<acc_t>(), stream),
+                   "linear_token_logprobs tile_lse");
+    }
+    check_launch(launch_lse_finalize(N, run_max.const_data_ptr<acc_t>(), run_sum.const_data_ptr<acc_t>(),
+                                     targets.const_data_ptr<int64_t>(), ignore_index,
+                                     static_cast<const bool*>(nullptr), target_x.const_data_ptr<acc_t>(),
+                                     lse.mutable_data_ptr<acc_t>(), logp.mutable_data_ptr<acc_t>(), stream),
+                 "linear_token_logprobs finalize");
+  });
+  return {logp, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cuda(
+    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, double inv_temperature,
+    int64_t ignore_index, int64_t tile, bool weight_grad) {
+  const char* op = "opdx::linear_token_logprobs_bwd";
+  const int64_t V = weight.size(0);
+  check_linear_inputs(op, hidden, weight, bias, V);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const TiledLinear lin(hidden, weight, bias);
+  const int64_t N = hidden.size(0);
+  TORCH_CHECK(grad_logp.scalar_type() == lin.acc && lse.scalar_type() == lin.acc && grad_logp.is_contiguous() &&
+                  lse.is_contiguous() && grad_logp.numel() == N && lse.numel() == N,
+              op, ": grad_logp and lse must be contiguous [N] ", lin.acc, " tensors");
+  LinearGrads grads(lin, V, bias.has_value(), weight_grad);
+  if (N == 0) {
+    grads.grad_weight.zero_();
+    return {grads.hidden_grad(hidden), grads.grad_weight, grads.grad_bias};
+  }
+  const int64_t t = choose_tile(tile, N, V);
+  at::Tensor buf = at::empty({N * t}, hidden.options().dtype(lin.acc));
+  at::Tensor gbuf = at::empty({N * t}, weight.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "linear_token_logprobs_bwd_cuda",
+                                  [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using cuda_t = typename CudaType<scalar_t>::type;
+    for (int64_t v0 = 0; v0 < V; v0 += t) {
+      const int64_t n = std::min(t, V - v0);
+      at::Tensor L = tile_view(buf, N, n);
+      at::Tensor G = tile_view(gbuf, N, n);
+      lin.logits(v0, n, L);
+      check_launch(launch_tlp_grad_tile(L.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(bias, v0), N, n, v0,
+                                        static_cast<acc_t>(inv_temperature), targets.const_data_ptr<int64_t>(),
+                                        ignore_index, grad_logp.const_data_ptr<acc_t>(), lse.const_data_ptr<acc_t>(),
+                                        reinterpret_cast<cuda_t*>(G.mutable_data_ptr<scalar_t>()), stream),
+                   "linear_token_logprobs grad tile");
+      grads.add_tile(lin, G, v0, n);
+    }
+  });
+  return {grads.hidden_grad(hidden), grads.grad_weight, grads.grad_bias};
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// linear_generalized_jsd
+// ------------------------------------------------------------------------------------------------------------------
+
+struct JsdInputs {
+  TiledLinear student;
+  TiledLinear teacher;
+  const bool* mask;
+  int64_t N;
+  int64_t V;
+};
+
+void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws, const c10::optional<at::Tensor>& bs,
+                      const at::Tensor& ht, const at::Tensor& wt, const c10::optional<at::Tensor>& bt,
+                      const c10::optional<at::Tensor>& mask, int64_t V, double beta) {
+  check_linear_inputs(op, hs, ws, bs, V);
+  check_linear_inputs(op, ht, wt, bt, V);
+  TORCH_CHECK(hs.size(0) == ht.size(0), op, ": student and teacher hidden have different row counts");
+  TORCH_CHECK(hs.scalar_type() == ht.scalar_type(), op, ": student and teacher dtypes differ");
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,
+                ": mask must be a contiguous bool tensor with one entry per row");
+  }
+}
+
+template <typename Fn>
+void dispatch_jsd_mode(double beta, Fn&& fn) {
+  switch (jsd_mode_for_beta(beta)) {
+    case kJsdForwardKL:
+      fn(std::integral_constant<int, kJsdForwardKL>{});
+      break;
+    case kJsdReverseKL:
+      fn(std::integral_constant<int, kJsdReverseKL>{});
+      break;
+    default:
+      fn(std::integral_constant<int, kJsdMixture>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_generalized_jsd_fwd_cuda(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const c10::optional<at::Tensor>& student_bias,
+    const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const c10::optional<at::Tensor>& teacher_bias,
+    const c10::optional<at::Tensor>& mask, int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
+  const char* op = "opdx::linear_generalized_jsd_fwd";
+  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   mask, vocab_size, beta);
+  const c10::cuda::CUDAGuard guard(student_hidden.device());
+  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
+                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
+                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  const int64_t N = in.N;
+  const auto opts = student_hidden.options().dtype(in.student.acc);
+  at::Tensor loss = at::zeros({N}, opts);
+  at::Tensor stats = at::zeros({4, N}, opts);
+  if (N == 0) return {loss, stats};
+  const int64_t t = choose_tile(tile, N, in.V);
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor run = at::empty({6, N}, opts);  // max_s, sum_s, max_t, sum_t, top_s, top_t
+  run.select(0, 0).fill_(-inf);
+  run.select(0, 1).zero_();
+  run.select(0, 2).fill_(-inf);
+  run.select(0, 3).zero_();
+  run.select(0, 4).fill_(-inf);
+  run.select(0, 5).zero_();
+  at::Tensor rows = at::empty({2, N}, opts.dtype(at::kDouble));  // sweep-2 accumulators: loss, total
+  at::Tensor buf_s = at::empty({N * t}, opts), buf_t = at::empty({N * t}, opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_hidden.scalar_type(),
+                                  "linear_generalized_jsd_fwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t invT = static_cast<acc_t>(inv_temperature), b = static_cast<acc_t>(beta);
+    acc_t* rp = run.mutable_data_ptr<acc_t>();
+    const JsdRunState<acc_t> state{rp, rp + N, rp + 2 * N, rp + 3 * N, rp + 4 * N, rp + 5 * N};
+    double* row_loss = rows.mutable_data_ptr<double>();
+    double* row_total = row_loss + N;
+    dispatch_jsd_mode(beta, [&](auto mode) {
+      constexpr int kMode = decltype(mode)::value;
+      for (int64_t v0 = 0; v0 < in.V; v0 += t) {  // sweep 1
+        const int64_t n = std::min(t, in.V - v0);
+        at::Tensor Ls = tile_view(buf_s, N, n), Lt = tile_view(buf_t, N, n);
+        in.student.logits(v0, n, Ls);
+        in.teacher.logits(v0, n, Lt);
+        check_launch(launch_jsd_lse_tile<kMode>(Ls.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(student_bias, v0),
+                                                Lt.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(teacher_bias, v0),
+                                                N, n, invT, in.mask, state, stream),
+                     "linear_generalized_jsd lse tile");
+      }
+      check_launch(launch_jsd_lse_finalize<kMode>(N, b, invT, in.mask, state, stats.mutable_data_ptr<acc_t>(),
+                                                  row_loss, row_total, stream),
+                   "linear_generalized_jsd lse finalize");
+      for (int64_t v0 = 0; v0 < in.V; v0 += t) {  // sweep 2
+        const int64_t n = std::min(t, in.V - v0);
+        at::Tensor Ls = tile_view(buf_s, N, n), Lt = tile_view(buf_t, N, n);
+        in.student.logits(v0, n, Ls);
+        in.teacher.logits(v0, n, Lt);
+        check_launch(launch_jsd_loss_tile<kMode>(Ls.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(student_bias, v0),
+                                                 Lt.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(teacher_bias, v0),
+                                                 N, n, b, invT, in.mask, stats.const_data_ptr<acc_t>(), row_loss,
+                                                 row_total, stream),
+                     "linear_generalized_jsd loss tile");
+      }
+      check_launch(launch_jsd_loss_finalize(N, row_loss, row_total, loss.mutable_data_ptr<acc_t>(),
+                                            stats.mutable_data_ptr<acc_t>(), stream),
+                   "linear_generalized_jsd loss finalize");
+    });
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& student_hidden, const at::Tensor& student_weight,
+    const c10::optional<at::Tensor>& student_bias, const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
+    const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
+    int64_t vocab_size, double beta, double inv_temperature, int64_t tile, bool weight_grad) {
+  const char* op = "opdx::linear_generalized_jsd_bwd";
+  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   mask, vocab_size, beta);
+  const c10::cuda::CUDAGuard guard(student_hidden.device());
+  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
+                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
+                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  const int64_t N = in.N;
+  TORCH_CHECK(grad_loss.scalar_type() == in.student.acc && grad_loss.is_contiguous() && grad_loss.numel() == N, op,
+              ": grad_loss must be a contiguous [N] ", in.student.acc, " tensor");
+  TORCH_CHECK(stats.scalar_type() == in.student.acc && stats.is_contiguous() && stats.dim() == 2 &&
+                  stats.size(0) == 4 && stats.size(1) == N,
+              op, ": stats must be the contiguous [4, N] row statistics returned by the forward");
+  LinearGrads grads(in.student, in.V, student_bias.has_value(), weight_grad);
+  if (N == 0) {
+    grads.grad_weight.zero_();
+    return {grads.hidden_grad(student_hidden), grads.grad_weight, grads.grad_bias};
+  }
+  const int64_t t = choose_tile(tile, N, in.V);
+  const auto opts = student_hidden.options().dtype(in.student.acc);
+  at::Tensor buf_s = at::empty({N * t}, opts), buf_t = at::empty({N * t}, opts);
+  at::Tensor gbuf = at::empty({N * t}, student_weight.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_hidden.scalar_type(),
+                                  "linear_generalized_jsd_bwd_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using cuda_t = typename CudaType<scalar_t>::type;
+    dispatch_jsd_mode(beta, [&](auto mode) {
+      constexpr int kMode = decltype(mode)::value;
+      for (int64_t v0 = 0; v0 < in.V; v0 += t) {
+        const int64_t n = std::min(t, in.V - v0);
+        at::Tensor Ls = tile_view(buf_s, N, n), Lt = tile_view(buf_t, N, n), G = tile_view(gbuf, N, n);
+        in.student.logits(v0, n, Ls);
+        in.teacher.logits(v0, n, Lt);
+        check_launch(launch_jsd_grad_tile<kMode>(
+                         Ls.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(student_bias, v0),
+                         Lt.const_data_ptr<acc_t>(), bias_tile_ptr<scalar_t>(teacher_bias, v0), N, n,
+                         static_cast<acc_t>(beta), static_cast<acc_t>(inv_temperature), in.mask,
+                         grad_loss.const_data_ptr<acc_t>(), stats.const_data_ptr<acc_t>(),
+                         reinterpret_cast<cuda_t*>(G.mutable_data_ptr<scalar_t>()), stream),
+                     "linear_generalized_jsd grad tile");
+        grads.add_tile(in.student, G, v0, n);
+      }
+    });
+  });
+  return {grads.hidden_grad(student_hidden), grads.grad_weight, grads.grad_bias};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace opdx
+
+TORCH_LIBRARY_IMPL(opdx, CUDA, m) {
+  m.impl("linear_token_logprobs_fwd", &opdx::cuda::linear_token_logprobs_fwd_cuda);
+  m.impl("linear_token_logprobs_bwd", &opdx::cuda::linear_token_logprobs_bwd_cuda);
+  m.impl("linear_generalized_jsd_fwd", &opdx::cuda::linear_generalized_jsd_fwd_cuda);
+  m.impl("linear_generalized_jsd_bwd", &opdx::cuda::linear_generalized_jsd_bwd_cuda);
+}
