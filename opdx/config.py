@@ -227,6 +227,8 @@ def _coerce(key: str, typ, value: Any) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             return list(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be of type {getattr(typ, '__name__', typ)}, got {value!r}") from None
     return value

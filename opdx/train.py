@@ -21,9 +21,12 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
 
 from opdx.config import Config, ConfigError, load_config
 from opdx.data import (
@@ -520,32 +523,37 @@ def run(cfg: Config) -> dict:
     eval_examples = load_examples(_resolve_data_path(d.eval), prompt_field=d.prompt_field,
                                   response_field=d.response_field, split=d.split, what="data.eval") \
         if d.eval else train_examples
-    if cfg.model.source == "path":
-        resolve_model_dirs(cfg)  # path checks need no process group
-
-    torch.manual_seed(cfg.train.seed + rank)
-    random.seed(cfg.train.seed + rank)
     use_cuda = torch.cuda.is_available()
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed + rank)
+    random.seed(cfg.train.seed + rank)
+
+    def prepare():
+        teacher_dir, student_dir = resolve_model_dirs(cfg)
+        student_tok, teacher_tok = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
+        check_tokenizers(student_tok, teacher_tok)
+        tok = student_tok
+        if tok.eos_token_id is None:
+            raise ConfigError(f"the tokenizer in {student_dir} has no eos_token; set one (generation must stop)")
+        eos_ids = [int(tok.eos_token_id)]
+        pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else eos_ids[0]
+        enc = dict(chat_template=d.chat_template, system_prompt=d.system_prompt, max_prompt_len=d.max_prompt_len,
+                   max_response_len=d.max_response_len, eos_id=eos_ids[0])
+        train_prompts, train_responses = encode_examples(tok, train_examples, what="data.train", **enc)
+        eval_prompts, _ = encode_examples(tok, eval_examples, what="data.eval", **enc)
+        return teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts
+
+    # local model dirs are validated (paths, tokenizers, prompt lengths) before any process group or weights
+    prepared = prepare() if cfg.model.source == "path" else None
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)
-    teacher_dir, student_dir = resolve_model_dirs(cfg)
-
-    student_tok, teacher_tok = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
-    check_tokenizers(student_tok, teacher_tok)
-    tok = student_tok
-    eos_ids = sorted({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
-    if not eos_ids:
-        raise ConfigError(f"the tokenizer in {student_dir} has no eos_token; set one (generation must stop)")
-    pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else eos_ids[0]
-    enc = dict(chat_template=d.chat_template, system_prompt=d.system_prompt, max_prompt_len=d.max_prompt_len,
-               max_response_len=d.max_response_len, eos_id=eos_ids[0])
-    train_prompts, train_responses = encode_examples(tok, train_examples, what="data.train", **enc)
-    eval_prompts, _ = encode_examples(tok, eval_examples, what="data.eval", **enc)
+    if prepared is None:  # demo/tiny pairs are built by rank 0 while the others wait
+        prepared = prepare()
+    teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts = prepared
 
     # 2. engines
     ds_cfg = deepspeed_config(cfg)
