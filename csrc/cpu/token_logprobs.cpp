@@ -61,6 +61,7 @@ void token_logprobs_bwd_rows(const at::Tensor& grad_logp, const c10::optional<at
   const acc_t scale = static_cast<acc_t>(inv_temperature);
 
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t buf[kChunk];
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = in_base + in_rows.offset(r);
       scalar_t* out = out_base + out_rows.offset(r);
@@ -74,20 +75,11 @@ void token_logprobs_bwd_rows(const at::Tensor& grad_logp, const c10::optional<at
       const acc_t ge = (g_ent && ent) ? g_ent[r] : acc_t(0);
       const acc_t h = ent ? ent[r] : acc_t(0);
       const acc_t x_target = static_cast<acc_t>(row[y]) * scale;  // read before an in-place overwrite
-      if (ge == acc_t(0)) {
-#pragma omp simd
-        for (int64_t v = 0; v < V; ++v) {
-          const acc_t p = fast_exp(static_cast<acc_t>(row[v]) * scale - row_lse);
-          out[v] = static_cast<scalar_t>(-gl * p * scale);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t v = 0; v < V; ++v) {
-          const acc_t log_p = static_cast<acc_t>(row[v]) * scale - row_lse;
-          const acc_t p = fast_exp(log_p);
-          const acc_t g = -gl * p - (p > acc_t(0) ? ge * p * (log_p + h) : acc_t(0));
-          out[v] = static_cast<scalar_t>(g * scale);
-        }
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t n = std::min(kChunk, V - start);
+        load_scaled(row + start, n, scale, buf);
+        chunk_logprob_grad(buf, n, row_lse, gl, ge, h, scale);
+        store_chunk(buf, n, out + start);
       }
       out[y] = static_cast<scalar_t>(token_logprob_grad<acc_t>(x_target, row_lse, true, gl, ge, h) * scale);
     }
@@ -132,7 +124,7 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logp, const c10::option
                                   const c10::optional<at::Tensor>& entropy, double inv_temperature,
                                   int64_t ignore_index) {
   check_bwd_inputs(grad_logp, logits, targets, lse);
-  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
+  at::Tensor grad_logits = empty_large(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd_cpu", [&] {
     token_logprobs_bwd_rows<scalar_t>(grad_logp, grad_entropy, logits, targets, lse, entropy, inv_temperature,
                                       ignore_index, grad_logits);
