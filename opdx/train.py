@@ -576,7 +576,8 @@ def run(cfg: Config) -> dict:
     from opdx.rollout import make_rollout
 
     zero3 = cfg.deepspeed.zero_stage == 3
-    rollout = make_rollout(cfg, engine.module, tok, eos_ids=eos_ids, pad_id=pad_id, synced_gpus=zero3 and world > 1)
+    rollout = make_rollout(cfg, engine.module, tok, eos_ids=eos_ids, pad_id=pad_id, synced_gpus=zero3 and world > 1,
+                           vocab_size=vocab)
 
     sampler = Sampler(len(train_prompts), cfg.train.micro_batch_size, world_size=world, rank=rank,
                       seed=cfg.train.seed)
@@ -590,7 +591,9 @@ def run(cfg: Config) -> dict:
     logger = Logger(cfg, start_step)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    sources_file = open(out_dir / f"sources_rank{rank}.jsonl", "a") if cfg.log.per_rank_sources else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources_file = open(out_dir / f"sources_rank{rank}.jsonl", "a" if start_step else "w") \
+        if cfg.log.per_rank_sources else None
 
     def do_eval(step):
         rec = {"step": step, **evaluate(cfg, rollout, teacher, engine.module, eval_prompts, vocab=vocab,
@@ -631,7 +634,7 @@ def run(cfg: Config) -> dict:
                 completions = teacher.generate(prompts, seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
                                                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                                eos_ids=eos_ids, pad_id=pad_id,
-                                               synced_gpus=world > 1).completions()
+                                               synced_gpus=False, vocab_size=vocab).completions()
             else:
                 completions = [train_responses[i] for i in idx]
             batch = build_batch(prompts, completions, pad_id).to(device)

@@ -41,12 +41,13 @@ class RolloutEngine(Protocol):
     def sync_weights(self, engine) -> None: ...
 
 
-def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = False):
+def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = False, vocab_size=None):
     if cfg.rollout.engine == "hf":
         from opdx.rollout.hf import HFRollout
 
         return HFRollout(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=cfg.rollout.max_new_tokens,
-                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, synced_gpus=synced_gpus)
+                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, synced_gpus=synced_gpus,
+                         vocab_size=vocab_size)
     raise ValueError(f"unknown rollout.engine {cfg.rollout.engine!r}")
 
 

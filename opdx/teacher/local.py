@@ -90,10 +90,10 @@ class LocalTeacher:
         raise ValueError(f"unknown teacher signal kind {kind!r}")
 
     def generate(self, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float, eos_ids,
-                 pad_id: int, synced_gpus: bool = False):
+                 pad_id: int, synced_gpus: bool = False, vocab_size: int | None = None):
         """Teacher completions for sequence-level KD (`loss.seq_kd`)."""
         from opdx.rollout.hf import HFRollout
 
         return HFRollout(self.model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, synced_gpus=synced_gpus or self.zero3).generate(
+                         temperature=temperature, top_p=top_p, synced_gpus=synced_gpus or self.zero3, vocab_size=vocab_size).generate(
             prompts, seed=seed)
