@@ -122,7 +122,10 @@ def _models():
 def load_tokenizer(path: str):
     m = _models()
     if m is not None and hasattr(m, "load_tokenizer"):
-        return m.load_tokenizer(path)
+        try:
+            return m.load_tokenizer(path)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from None
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
@@ -146,7 +149,7 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
         except ConfigError:
             raise
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"incompatible tokenizers: {exc}") from None
+            raise ConfigError(f"incompatible tokenizers: {str(exc).splitlines()[0]}") from None
         return
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
     if sv != tv:
@@ -164,7 +167,10 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
 def aligned_vocab_size(tokenizer, *models) -> int:
     m = _models()
     if m is not None and hasattr(m, "aligned_vocab_size"):
-        return int(m.aligned_vocab_size(tokenizer, *models))
+        try:
+            return int(m.aligned_vocab_size(tokenizer, *models))
+        except ValueError as exc:
+            raise ConfigError(f"vocabulary mismatch: {str(exc).splitlines()[0]}") from None
     v = len(tokenizer)
     for model in models:
         rows = model.get_output_embeddings().weight.shape[0]

@@ -86,7 +86,12 @@ class LocalTeacher:
             else:
                 w, b = weight[:vocab_size], (bias[:vocab_size] if bias is not None else None)
             ids, logprobs, lse = teacher_topk_from_hidden(rows, w, topk, bias=b, temperature=temperature)
-            return TeacherSignal(topk_ids=ids, topk_logprobs=logprobs, lse=lse)
+            # log p_T(target) from one dot product per row (the metrics' reverse-KL estimate needs it)
+            tgt = batch.targets[batch.loss_mask]
+            z = (rows.float() * w[tgt].float()).sum(-1) + (b[tgt].float() if b is not None else 0.0)
+            out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=rows.device)
+            out[batch.loss_mask] = z / temperature - lse.float()
+            return TeacherSignal(token_logprobs=out, topk_ids=ids, topk_logprobs=logprobs, lse=lse)
         raise ValueError(f"unknown teacher signal kind {kind!r}")
 
     def generate(self, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float, eos_ids,
