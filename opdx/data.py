@@ -202,6 +202,17 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
+    def tail(self, n: int) -> "Batch":
+        """The last ``n`` target positions (``targets[:, -n:]``), to pair with logits computed for the last
+        ``n + 1`` positions (``logits_to_keep``); every completion target must lie inside them."""
+        width = self.targets.shape[1]
+        if n >= width:
+            return self
+        if bool(self.loss_mask[:, : width - n].any()):
+            raise ValueError(f"tail({n}) would drop trained targets")
+        return Batch(self.input_ids, self.attention_mask, self.targets[:, width - n:], self.loss_mask[:, width - n:],
+                     self.prompt_lens, self.completion_lens)
+
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
                      self.loss_mask.to(device), self.prompt_lens, self.completion_lens)

@@ -288,12 +288,18 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str):
     sft = cfg.loss.sft_alpha > 0 and source != "student"
     stats = {}
     if kind in ("opd", "gjsd"):
-        out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        # logits only from the first position that predicts a completion token on (prompts are never scored):
+        # the lm_head forward/backward over the prompt is skipped
+        keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
+        out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                     logits_to_keep=keep)
         logits = out.logits[:, :-1, :vocab]
+        batch = batch.tail(keep - 1)
+        mask = batch.loss_mask
         if kind == "opd" or sft:
             s_logp = token_logprobs(logits, batch.targets, temperature=temp)
         if kind == "opd":
-            t_logp = signal.token_logprobs
+            t_logp = signal.token_logprobs[:, -batch.targets.shape[1]:]
             loss, _ = opd_loss(s_logp, t_logp, mask, normalize=cfg.loss.normalize_reward)
         else:
             rows = logits[mask]

@@ -134,3 +134,13 @@ def test_load_hf_dataset_dir(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list([{"prompt": "a", "response": "b"}]).save_to_disk(str(tmp_path / "ds"))
     assert load_examples(str(tmp_path / "ds"))[0].prompt == "a"
+
+
+def test_batch_tail_keeps_all_trained_targets():
+    b = build_batch([[10, 11, 12, 13], [20, 21]], [[30, 2], [40, 41, 42, 2]], PAD)
+    keep = b.input_ids.shape[1] - min(b.prompt_lens) + 1  # logits_to_keep used by the trainer
+    t = b.tail(keep - 1)
+    assert t.targets.shape[1] == keep - 1 and t.num_tokens == b.num_tokens
+    assert t.targets[t.loss_mask].tolist() == b.targets[b.loss_mask].tolist()
+    with pytest.raises(ValueError, match="drop trained"):
+        b.tail(2)
