@@ -3,6 +3,8 @@ here so they work under torch.compile. `opdx.ops.reference` holds the pure-torch
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch/libc10, which opdx._C links against)
+
 try:
     from opdx import _C  # noqa: F401  (registers torch.ops.opdx.*)
 except ImportError as exc:  # pragma: no cover - only on a broken install
