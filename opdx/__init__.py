@@ -6,6 +6,4 @@
 
 __version__ = "0.1.0"
 
-import torch  # noqa: F401,E402  (opdx._C links against libc10/libtorch: load them first)
-
 from opdx import ops  # noqa: F401  (loads the compiled extension and registers autograd/fake kernels)

@@ -47,7 +47,7 @@ class TeacherConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "hf"  # hf (vllm: next issue)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
 
@@ -82,7 +82,7 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = "outputs/demo"
     seed: int = 0
-    max_steps: int = 60
+    max_steps: int = 30
     micro_batch_size: int = 4  # prompts per rank per micro-step
     grad_accum: int = 1
     resume: bool = False
@@ -90,11 +90,11 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
+    lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    warmup_steps: int = 5
+    warmup_steps: int = 3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     clip_grad: float = 1.0
 
@@ -107,9 +107,9 @@ class DeepSpeedConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 20  # 0 = only at step 0 and at the end
+    every: int = 15  # 0 = only at step 0 and at the end
     num_prompts: int = 32
-    batch_size: int = 8  # per rank
+    batch_size: int = 16  # per rank
     max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
     temperature: float = 1.0
     seed: int = 1234

@@ -690,8 +690,10 @@ def run(cfg: Config) -> dict:
             save_checkpoint(cfg, engine, step, sampler)
         hang = os.environ.get("OPDX_TEST_HANG_AFTER_STEP")  # tests: wait here to be SIGKILLed
         if hang and step == int(hang):
-            while True:
-                time.sleep(1)
+            parent = os.getppid()
+            while os.getppid() == parent:  # never outlive the launcher
+                time.sleep(0.5)
+            os._exit(1)
     if bar is not None:
         bar.close()
     if sources_file:

@@ -122,6 +122,28 @@ def test_topk_zero1(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- kill + resume
+def _kill_tree(root: int) -> None:
+    """SIGKILL torchrun and every rank it started (the ranks run in their own sessions), no clean-up."""
+    parent = {}
+    for pid_s in os.listdir("/proc"):
+        if pid_s.isdigit():
+            try:
+                with open(f"/proc/{pid_s}/stat") as f:
+                    parent[int(pid_s)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    tree, frontier = [root], [root]
+    while frontier:
+        kids = [c for c, pp in parent.items() if pp in frontier]
+        tree += kids
+        frontier = kids
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_sigkill_and_resume_reproduce_metrics(tiny, tmp_path):
     steps = ("train.max_steps=6", "save.every=2", "eval.every=3")
     ref = tmp_path / "ref"
@@ -144,7 +166,7 @@ def test_sigkill_and_resume_reproduce_metrics(tiny, tmp_path):
             pytest.fail("run never reached step 3")
         time.sleep(0.5)
     finally:
-        os.killpg(p.pid, signal.SIGKILL)  # the whole torchrun process group, no clean-up
+        _kill_tree(p.pid)
         p.wait()
     assert (out / "checkpoints" / "step_2" / "trainer_state.json").is_file()
     assert not (out / "checkpoints" / "step_4").exists()
