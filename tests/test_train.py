@@ -106,6 +106,14 @@ def test_opd_zero3(tiny, tmp_path):
     check_run(out, 4)
 
 
+def test_lora_gradient_checkpointing_zero2(tiny, tmp_path):
+    out = tmp_path / "lora"
+    torchrun(tiny, out, "train.max_steps=2", "deepspeed.zero_stage=2", "model.lora=true", "model.lora_r=4",
+             "model.gradient_checkpointing=true", "eval.every=0")
+    check_run(out, 2)
+    assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+
+
 @pytest.mark.skipif(not _has_op("generalized_jsd"), reason="opdx.ops.generalized_jsd not merged yet")
 def test_gjsd_zero2(tiny, tmp_path):
     out = tmp_path / "gjsd"
