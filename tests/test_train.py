@@ -100,9 +100,11 @@ def test_opd_zero0_lambda_draw_identical_across_ranks(tiny, tmp_path):
     assert {json.loads(x)["source"] for x in r0} == {"student", "teacher"}
 
 
-def test_opd_zero3(tiny, tmp_path):
+def test_opd_zero3_teacher_zero3(tiny, tmp_path):
+    """ZeRO-3 student (rollouts with synced_gpus) and the teacher as a ZeRO-3 inference engine, with seq_kd."""
     out = tmp_path / "opd3"
-    torchrun(tiny, out, "train.max_steps=4", "deepspeed.zero_stage=3", "eval.every=2")
+    torchrun(tiny, out, "train.max_steps=4", "deepspeed.zero_stage=3", "eval.every=2", "teacher.deepspeed=true",
+             "loss.lmbda=0.5", "loss.seq_kd=true")
     check_run(out, 4)
 
 
