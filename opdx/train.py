@@ -507,7 +507,11 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
                               temperature=cfg.eval.temperature)
         batch = build_batch(prompts, rb.completions(), pad_id).to(device)
         t_logp = teacher.score(batch, "opd", vocab_size=vocab).token_logprobs
-        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                         logits_to_keep=keep).logits
+        batch = batch.tail(keep - 1)
+        t_logp = t_logp[:, -batch.targets.shape[1]:]
         s_logp = token_logprobs(logits[:, :-1, :vocab], batch.targets)
         _, k3, k1s, c = reverse_kl_estimates(s_logp, t_logp, batch.loss_mask)
         k1_sum += float(k1s)
