@@ -45,7 +45,7 @@ def extensions():
 
     debug = os.environ.get("OPDX_DEBUG") == "1"
     cpu_arch = os.environ.get("OPDX_CPU_ARCH", "native")
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-fopenmp-simd", f"-march={cpu_arch}"]
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-fopenmp-simd", "-fno-trapping-math", f"-march={cpu_arch}"]
     cxx_flags += ["-DPy_LIMITED_API=0x030B0000"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     srcs = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")

@@ -23,4 +23,42 @@ TORCH_LIBRARY(opdx, m) {
   m.def(
       "token_logprobs_bwd_inplace(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor targets, "
       "Tensor lse, Tensor? entropy, float inv_temperature, int ignore_index) -> ()");
+
+  // Generalized JSD(beta) between softmax(student / T) and softmax(teacher / T), row by row (see DESIGN.md).
+  // student, teacher [..., V] (same shape and dtype); mask [N] bool (False rows give 0 loss and 0 gradient) or None.
+  // Returns (loss [N] fp32 (fp64 for fp64 inputs), grad): grad is d loss_r / d student, contiguous, shaped like
+  // student, in the student dtype (fp32 when grad_fp32), or an empty [0] tensor when compute_grad is False.
+  m.def(
+      "generalized_jsd_fwd(Tensor student, Tensor teacher, Tensor? mask, float beta, float inv_temperature, "
+      "bool compute_grad, bool grad_fp32) -> (Tensor, Tensor)");
+
+  // Top-k renormalized KL (csrc/include/opdx/topk_math.h). Student logits only at the teacher's ids, from hidden
+  // states: z[n,k] = (hidden[n]·weight[ids[n,k]] + bias[ids[n,k]])·inv_temperature (acc dtype [N, K]).
+  m.def(
+      "topk_gather_dot(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, float inv_temperature, "
+      "bool deterministic) -> Tensor");
+  // deterministic only selects the backward's grad_weight reduction (False: atomics, CUDA only).
+  // Backward returns (grad_hidden [N, d], grad_weight [V, d], grad_bias [V] or [0]) in the input dtype, or with
+  // acc_out in the accumulation dtype (for callers that add several contributions before one rounding).
+  m.def(
+      "topk_gather_dot_bwd(Tensor grad_z, Tensor hidden, Tensor weight, Tensor ids, float inv_temperature, "
+      "bool has_bias, bool deterministic, bool acc_out) -> (Tensor, Tensor, Tensor)");
+  // GJSD(beta) over K renormalized buckets (or K+1 with a tail bucket when student_lse is given).
+  // Returns (loss [N], dloss/dz [N, K], dloss/dstudent_lse [N] or [0]).
+  m.def(
+      "topk_gjsd(Tensor z, Tensor teacher_logprobs, Tensor? student_lse, float beta) -> (Tensor, Tensor, Tensor)");
+  // Student full-vocab logsumexp of (hidden·weightᵀ + bias)·inv_temperature, streamed over vocab tiles.
+  m.def(
+      "topk_vocab_lse(Tensor hidden, Tensor weight, Tensor? bias, float inv_temperature, int vocab_tile) -> Tensor");
+  m.def(
+      "topk_vocab_lse_bwd(Tensor grad_lse, Tensor hidden, Tensor weight, Tensor? bias, Tensor lse, "
+      "float inv_temperature, int vocab_tile, bool acc_out) -> (Tensor, Tensor, Tensor)");
+  // With tail: the student logits at the ids and the full-vocab lse in one op, so that backward adds both gradient
+  // contributions in the accumulation dtype before rounding to bf16/fp16 once (they largely cancel).
+  m.def(
+      "topk_logits_tail(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, float inv_temperature, "
+      "int vocab_tile, bool deterministic) -> (Tensor, Tensor)");
+  // Fused per-row top-k + logsumexp of logits·inv_temperature: (ids [N, k] int64 sorted by value desc, full-vocab
+  // log-probs [N, k], lse [N]).
+  m.def("teacher_topk(Tensor logits, int k, float inv_temperature) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,17 +1,111 @@
-"""Losses built on opdx.ops.
+"""Loss functions built on opdx ops.
 
-# ================================================================================ trainer loss composition
-Self-contained functions used by `opdx.train` (each takes already-shifted, already-masked inputs; see
-`opdx.data.build_batch` for the one place labels are shifted):
-
-- `opd_loss`      reverse-KL REINFORCE on student samples (+ k1/k3 reverse-KL estimates)
-- `gjsd_loss`     generalized JSD(beta) over the full vocabulary (opdx.ops.generalized_jsd)
-- `topk_loss`     top-k renormalized KL from the teacher's top-k (opdx.ops.topk_kl on hidden states + lm_head)
-- `sft_loss`      cross-entropy on non-student sequences (`loss.sft_alpha`)
-- `reverse_kl_estimates` k1 / k3 per-token estimates from student and teacher token logprobs
+`generalized_jsd_loss` has the signature and values of TRL's ``GKDTrainer.generalized_jsd_loss`` (the version with a
+``labels`` argument; its β convention is the one of DESIGN.md: β = 0 → KL(P_T‖P_S), β = 1 → KL(P_S‖P_T), mixture
+M = β·P_T + (1−β)·P_S — so no mapping is needed). Early TRL releases (no ``labels`` argument) used a log-linear
+mixture with β swapped; that variant is not reproduced. Differences, all deliberate: the loss is float32 (TRL's is in
+the logits' dtype, e.g. bf16) and more accurate; reduction="none" returns the per-vocabulary terms as TRL does, but
+materializes them (use `opdx.ops.generalized_jsd` for per-token values without [N, V] temporaries).
 """
 
 from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from opdx.ops.generalized_jsd import generalized_jsd
+
+_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _elementwise_jsd(student_logits, teacher_logits, beta, temperature):
+    """Per-vocabulary-entry terms (the 'none' reduction), in float32 (float64 for float64 inputs)."""
+    dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_ps = torch.log_softmax(student_logits.to(dt) / temperature, dim=-1)
+    log_pt = torch.log_softmax(teacher_logits.to(dt) / temperature, dim=-1)
+
+    def kl_terms(log_p, log_q):
+        return torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
+
+    if beta == 0.0:
+        return kl_terms(log_pt, log_ps)
+    if beta == 1.0:
+        return kl_terms(log_ps, log_pt)
+    log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+    return beta * kl_terms(log_pt, log_m) + (1.0 - beta) * kl_terms(log_ps, log_m)
+
+
+def generalized_jsd_loss(
+    student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0, reduction="batchmean"
+):
+    """Generalized JSD loss with TRL ``GKDTrainer.generalized_jsd_loss`` semantics (a drop-in replacement).
+
+    Args:
+        student_logits, teacher_logits: ``[batch, seq, V]`` (any ``[..., V]`` works).
+        labels: optional ``[batch, seq]``; positions equal to -100 are ignored.
+        beta, temperature: as in `opdx.ops.generalized_jsd`.
+        reduction: "batchmean": sum / number of tokens with labels != -100 when labels are given, else
+            sum / (shape[0] · shape[1]) (batch · seq for 3-D logits; TRL's definition, literally); "sum";
+            "mean": sum / number of (kept token, vocabulary entry) pairs, as torch's mean over TRL's elementwise
+            tensor; "none": the elementwise ``[..., V]`` terms (``[kept tokens, V]`` with labels), materialized.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    mask = None
+    if labels is not None:
+        mask = labels != -100
+    if reduction == "none":
+        jsd = _elementwise_jsd(student_logits, teacher_logits, float(beta), float(temperature))
+        return jsd[mask] if mask is not None else jsd
+    per_token = generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature, mask=mask)
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    vocab = student_logits.shape[-1]
+    if reduction == "batchmean":
+        if mask is not None:
+            return total / mask.sum()
+        return total / (student_logits.shape[0] * student_logits.shape[1])
+    # "mean"
+    count = mask.sum() if mask is not None else per_token.numel()
+    return total / (count * vocab)
+
+
+class GeneralizedJSDLoss(nn.Module):
+    """``nn.Module`` form of `generalized_jsd_loss`: ``GeneralizedJSDLoss(beta=0.5)(student_logits, teacher_logits,
+    labels)``."""
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean"):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+        self.reduction = reduction
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return generalized_jsd_loss(
+            student_logits, teacher_logits, labels, beta=self.beta, temperature=self.temperature,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+# ====================================================================================================
+# # ================================================================================ trainer loss composition
+# Self-contained functions used by `opdx.train` (each takes already-shifted, already-masked inputs; see
+# `opdx.data.build_batch` for the one place labels are shifted):
+#
+# - `opd_loss`      reverse-KL REINFORCE on student samples (+ k1/k3 reverse-KL estimates)
+# - `gjsd_loss`     generalized JSD(beta) over the full vocabulary (opdx.ops.generalized_jsd)
+# - `topk_loss`     top-k renormalized KL from the teacher's top-k (opdx.ops.topk_kl on hidden states + lm_head)
+# - `sft_loss`      cross-entropy on non-student sequences (`loss.sft_alpha`)
+# - `reverse_kl_estimates` k1 / k3 per-token estimates from student and teacher token logprobs
+# ====================================================================================================
 
 import torch
 

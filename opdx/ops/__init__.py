@@ -13,6 +13,22 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "`pip install --no-build-isolation -e .` (see README)."
     ) from exc
 
+from opdx.ops.generalized_jsd import generalized_jsd  # noqa: E402
 from opdx.ops.token_logprobs import token_logprobs  # noqa: E402
+from opdx.ops.topk import (  # noqa: E402
+    teacher_topk,
+    teacher_topk_from_hidden,
+    topk_diagnostics,
+    topk_kl,
+    topk_kl_from_logits,
+)
 
-__all__ = ["token_logprobs"]
+__all__ = [
+    "generalized_jsd",
+    "teacher_topk",
+    "teacher_topk_from_hidden",
+    "token_logprobs",
+    "topk_diagnostics",
+    "topk_kl",
+    "topk_kl_from_logits",
+]
