@@ -96,7 +96,7 @@ class GeneralizedJSDLoss(nn.Module):
 
 
 # ====================================================================================================
-# # ================================================================================ trainer loss composition
+# Trainer loss composition.
 # Self-contained functions used by `opdx.train` (each takes already-shifted, already-masked inputs; see
 # `opdx.data.build_batch` for the one place labels are shifted):
 #
