@@ -1,0 +1,324 @@
+"""Trainer configuration: dataclasses, a YAML file, and dotted CLI overrides (``loss.beta=1.0``).
+
+The defaults are the embedded demo (``torchrun --nproc_per_node 2 -m opdx.train`` with no arguments). Every
+override is typed by the dataclass field it targets; an unknown key is an error that names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad configuration or input; the trainer prints it as one line and exits nonzero before heavy work."""
+
+
+@dataclass
+class ModelConfig:
+    """The student."""
+
+    source: str = "demo"  # demo (SmolLM2-135M pair, built once) | tiny (random tiny pair) | path
+    path: str = ""  # student directory when source=path
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False
+    student_layers: int = 10  # demo: layers kept in the pruned student
+    cache_dir: str = ""  # demo/tiny model cache ("" = ~/.cache/opdx or output_dir/models for tiny)
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # teacher directory when model.source=path
+    dtype: str = ""  # "" = same as model.dtype
+    attn_implementation: str = ""  # "" = same as model.attn_implementation
+    deepspeed: bool = False  # wrap the frozen teacher in a DeepSpeed ZeRO-3 inference engine
+    logits_chunk: int = 2048  # rows of full-vocab teacher logits computed at once (gjsd)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf (vllm: next issue)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    kind: str = "opd"  # opd | gjsd | topk
+    beta: float = 0.5  # gjsd / topk: 0 = forward KL, 1 = reverse KL
+    temperature: float = 1.0
+    topk: int = 32
+    tail: bool = False  # topk: add the tail bucket log(1 - sum_K p)
+    lmbda: float = 1.0  # probability that the student generates the batch (on-policy)
+    seq_kd: bool = False  # when the student does not generate: teacher generates (True) or dataset response (False)
+    sft_alpha: float = 0.0  # weight of cross-entropy on non-student sequences
+    normalize_reward: bool = True  # opd: normalize the per-token reward over valid tokens (mean/std)
+
+
+@dataclass
+class DataConfig:
+    train: str = "examples/data/prompts_train.jsonl"  # JSONL file or HF dataset directory (load_from_disk)
+    eval: str = "examples/data/prompts_eval.jsonl"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    split: str = "train"  # split to use when a path is a DatasetDict
+    chat_template: bool = True  # wrap the prompt as a user turn with the tokenizer's chat template
+    system_prompt: str = ""
+    max_prompt_len: int = 256  # tokens; a longer prompt is an error
+    max_response_len: int = 128  # tokens of dataset responses kept (seq source)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/demo"
+    seed: int = 0
+    max_steps: int = 30
+    micro_batch_size: int = 4  # prompts per rank per micro-step
+    grad_accum: int = 1
+    resume: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    clip_grad: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class EvalConfig:
+    every: int = 15  # 0 = only at step 0 and at the end
+    num_prompts: int = 32
+    batch_size: int = 16  # per rank
+    max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
+    temperature: float = 1.0
+    seed: int = 1234
+
+
+@dataclass
+class SaveConfig:
+    every: int = 0  # 0 = no intermediate checkpoints
+    keep: int = 2  # newest complete checkpoints kept
+    final: bool = True  # save_pretrained to output_dir/final
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    per_rank_sources: bool = False  # each rank writes its per-step source draw to sources_rank{r}.jsonl
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.source": ("demo", "tiny", "path"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "teacher.dtype": ("", "float32", "bfloat16", "float16"),
+    "teacher.attn_implementation": ("", "sdpa", "eager", "flash_attention_2"),
+    "rollout.engine": ("hf",),
+    "loss.kind": ("opd", "gjsd", "topk"),
+    "deepspeed.backend": ("auto", "gloo", "nccl"),
+}
+
+
+def all_keys(cfg: Any = None, prefix: str = "") -> list[str]:
+    cfg = Config() if cfg is None else cfg
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # try the last component alone (e.g. "beta" -> "loss.beta")
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
+        hit = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[hit[0]]] if hit else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _field_type(owner, name: str):
+    hints = typing.get_type_hints(type(owner))
+    return hints[name]
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be a boolean (true/false), got {value!r}")
+
+
+def _coerce(key: str, typ, value: Any) -> Any:
+    origin = typing.get_origin(typ) or typ
+    try:
+        if typ is bool:
+            return _parse_bool(key, value)
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+        if origin is list:
+            if isinstance(value, str):
+                import yaml
+
+                parsed = yaml.safe_load(value) if value.strip().startswith("[") else [
+                    v.strip() for v in value.split(",") if v.strip()
+                ]
+                value = parsed
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be of type {getattr(typ, '__name__', typ)}, got {value!r}") from None
+    return value
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise _unknown(key)
+    section, name = parts
+    if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
+        raise _unknown(key)
+    sub = getattr(cfg, section)
+    if name not in {f.name for f in dataclasses.fields(sub)}:
+        raise _unknown(key)
+    coerced = _coerce(key, _field_type(sub, name), value)
+    if key in _CHOICES and coerced not in _CHOICES[key]:
+        raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in _CHOICES[key])}, got {coerced!r}")
+    setattr(sub, name, coerced)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (nested sections), then ``key.sub=value`` overrides (values parsed as YAML
+    scalars and then coerced to the field's type)."""
+    import os
+
+    import yaml
+
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        for key, value in _flatten(data):
+            set_key(cfg, key, value)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. loss.beta=1.0)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        set_key(cfg, key, raw if isinstance(value, (dict,)) else value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(0.0 <= cfg.loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
+    need(0.0 <= cfg.loss.lmbda <= 1.0, f"loss.lmbda must be in [0, 1], got {cfg.loss.lmbda}")
+    need(cfg.loss.temperature > 0, f"loss.temperature must be > 0, got {cfg.loss.temperature}")
+    need(cfg.loss.sft_alpha >= 0, f"loss.sft_alpha must be >= 0, got {cfg.loss.sft_alpha}")
+    need(cfg.loss.topk >= 1, f"loss.topk must be >= 1, got {cfg.loss.topk}")
+    need(cfg.rollout.temperature >= 0, f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}")
+    need(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
+    need(cfg.rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {cfg.rollout.max_new_tokens}")
+    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
+    need(cfg.train.max_steps >= 0, f"train.max_steps must be >= 0, got {cfg.train.max_steps}")
+    need(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {cfg.train.micro_batch_size}")
+    need(cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}")
+    need(cfg.data.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {cfg.data.max_prompt_len}")
+    need(cfg.eval.every >= 0 and cfg.save.every >= 0, "eval.every and save.every must be >= 0")
+    need(cfg.model.source != "path" or bool(cfg.model.path), "model.source=path needs model.path=<student dir>")
+    need(cfg.model.source != "path" or bool(cfg.teacher.path), "model.source=path needs teacher.path=<teacher dir>")
+    need(not (cfg.loss.kind == "topk" and cfg.deepspeed.zero_stage == 3),
+         "loss.kind=topk needs the student's lm_head weight unsharded: use deepspeed.zero_stage <= 2")
+    need(not (cfg.loss.kind == "topk" and cfg.model.lora),
+         "loss.kind=topk with model.lora is not supported yet; use loss.kind=opd or gjsd with LoRA")

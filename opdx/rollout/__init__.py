@@ -1,0 +1,54 @@
+"""Rollout engines: turn a batch of prompt ids into completions.
+
+The interface is deliberately small so a vLLM engine (colocated or server) drops in next to `HFRollout`:
+
+    engine.generate(prompts: list[list[int]], *, seed: int, max_new_tokens=None, temperature=None)
+        -> RolloutBatch
+    engine.sync_weights(train_engine)   # after each optimizer step; no-op when generating from the live module
+
+`RolloutBatch.sequences` is ``[B, P + T]``: prompts LEFT-padded to a common width P, completions right-padded to
+T. ``completion_mask`` ``[B, T]`` marks the generated tokens (through the first EOS, even when pad == eos);
+`RolloutBatch.completions()` returns them as lists for `opdx.data.build_batch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    sequences: torch.Tensor  # [B, P + T] left-padded prompts + right-padded completions
+    prompt_lens: list  # true prompt lengths
+    completion_mask: torch.Tensor  # [B, T] bool, generated tokens
+    sampling_logprobs: torch.Tensor | None  # [B, T] logprobs of the sampled tokens under the sampler, or None
+    finish_reasons: list  # "stop" (EOS generated) | "length" (max_new_tokens reached)
+    prompt_width: int = 0  # P
+
+    def completions(self) -> list[list[int]]:
+        comp = self.sequences[:, self.prompt_width:]
+        lens = self.completion_mask.sum(1).tolist()
+        return [comp[i, :n].tolist() for i, n in enumerate(lens)]
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], *, seed: int, max_new_tokens: int | None = None,
+                 temperature: float | None = None) -> RolloutBatch: ...
+
+    def sync_weights(self, engine) -> None: ...
+
+
+def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = False, vocab_size=None):
+    if cfg.rollout.engine == "hf":
+        from opdx.rollout.hf import HFRollout
+
+        return HFRollout(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=cfg.rollout.max_new_tokens,
+                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, synced_gpus=synced_gpus,
+                         vocab_size=vocab_size)
+    raise ValueError(f"unknown rollout.engine {cfg.rollout.engine!r}")
+
+
+__all__ = ["RolloutBatch", "RolloutEngine", "make_rollout"]

@@ -1,0 +1,78 @@
+"""Batched transformers `generate` rollouts (CPU tests, small GPU runs).
+
+Works on the live student module (DeepSpeed ZeRO 0-2: parameters are whole on every rank) and on ZeRO-3
+(parameters gathered layer by layer by DeepSpeed's hooks; ``synced_gpus=True`` keeps every rank stepping until all
+ranks are done so the collective gathers stay matched). Sampling is made deterministic by seeding a fresh RNG state
+per call (``seed``), which is what lets a killed-and-resumed run repeat its metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opdx.data import completion_mask
+from opdx.rollout import RolloutBatch
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DeepSpeed engine -> module
+
+
+class HFRollout:
+    def __init__(self, model, *, eos_ids, pad_id: int, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, synced_gpus: bool = False, vocab_size: int | None = None):
+        self.model = _unwrap(model)
+        self.vocab_size = vocab_size  # ids >= vocab_size (padded embedding rows) are never sampled
+        self.eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        self.pad_id = int(pad_id)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.synced_gpus = synced_gpus
+
+    def sync_weights(self, engine) -> None:
+        """Generation reads the live training module, so there is nothing to copy."""
+        return None
+
+    @torch.no_grad()
+    def generate(self, prompts, *, seed: int, max_new_tokens=None, temperature=None) -> RolloutBatch:
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = self.temperature if temperature is None else temperature
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attn[i, width - len(p):] = 1
+        do_sample = temperature > 0
+        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
+                      pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
+                      synced_gpus=self.synced_gpus, use_cache=True)
+        rows = self.model.get_output_embeddings().weight
+        rows = int(getattr(rows, "ds_shape", rows.shape)[0])
+        if self.vocab_size is not None and rows > self.vocab_size:
+            kwargs["suppress_tokens"] = list(range(self.vocab_size, rows))
+        if do_sample:
+            kwargs.update(temperature=float(temperature), top_p=float(self.top_p), top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        was_training = self.model.training
+        self.model.eval()
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
+        if was_training:
+            self.model.train()
+        seqs = out.sequences.cpu()
+        comp = seqs[:, width:]
+        mask = completion_mask(comp, self.eos_ids)
+        logps = None
+        if out.scores:
+            scores = torch.stack([s.float().cpu() for s in out.scores], 1)[:, :comp.shape[1]]  # processed logits
+            logps = torch.log_softmax(scores, -1).gather(-1, comp[:, :scores.shape[1], None]).squeeze(-1)
+            logps = logps.masked_fill(~mask[:, :logps.shape[1]], 0.0)
+        finish = ["stop" if bool(mask[i].any()) and int(comp[i, int(mask[i].sum()) - 1]) in self.eos_ids
+                  else "length" for i in range(len(prompts))]
+        return RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, finish, width)

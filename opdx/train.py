@@ -1,0 +1,781 @@
+"""The on-policy distillation trainer.
+
+    torchrun --nproc_per_node 2 -m opdx.train                                   # the embedded demo
+    torchrun --nproc_per_node N -m opdx.train --config examples/configs/X.yaml loss.beta=1.0 ...
+
+`run` reads top to bottom like the loop in DESIGN.md: validate everything cheap first (config, data, model paths,
+tokenizers, prompt lengths), then load the student into DeepSpeed and the frozen teacher, then
+
+    for step: prompts -> source draw (rank 0, broadcast) -> sequences -> teacher signal -> loss -> backward/step
+              -> sync rollout weights -> log / eval / checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+
+from opdx.config import Config, ConfigError, load_config
+from opdx.data import (
+    Sampler,
+    build_batch,
+    encode_examples,
+    load_examples,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("student", "teacher", "dataset")
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _single_process_env() -> None:
+    """`python -m opdx.train` without torchrun: a world of one."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    dist = _dist()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    dist = _dist()
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def draw_source(lmbda: float, seq_kd: bool, seed: int, step: int, micro: int) -> str:
+    """GKD's per-batch source: the student generates with probability lmbda, else the teacher (seq_kd) or the
+    dataset response. Deterministic in (seed, step, micro), so a resumed run repeats it."""
+    u = random.Random(f"opdx-source-{seed}-{step}-{micro}").random()
+    return "student" if u < lmbda else ("teacher" if seq_kd else "dataset")
+
+
+def draw_source_synced(cfg: Config, step: int, micro: int) -> str:
+    """The draw is made on rank 0 and broadcast so every rank agrees."""
+    src = draw_source(cfg.loss.lmbda, cfg.loss.seq_kd, cfg.train.seed, step, micro) if _rank() == 0 else None
+    return broadcast_object(src)
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank * 7 + salt * 7_919_000_011) % (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def _models():
+    """opdx.models when present; small private fallbacks otherwise (tests only pass local model dirs)."""
+    try:
+        import opdx.models as m
+
+        return m
+    except ImportError:
+        return None
+
+
+def load_tokenizer(path: str):
+    m = _models()
+    if m is not None and hasattr(m, "load_tokenizer"):
+        try:
+            return m.load_tokenizer(path)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_causal_lm(path: str, *, dtype, attn_implementation: str, device):
+    m = _models()
+    if m is not None and hasattr(m, "load_causal_lm"):
+        return m.load_causal_lm(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device)
+
+
+def check_tokenizers(student_tok, teacher_tok) -> None:
+    m = _models()
+    if m is not None and hasattr(m, "check_tokenizers_compatible"):
+        try:
+            m.check_tokenizers_compatible(student_tok, teacher_tok)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"incompatible tokenizers: {str(exc).splitlines()[0]}") from None
+        return
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        diff = sorted(set(sv.items()) ^ set(tv.items()), key=lambda kv: kv[1])[:1]
+        example = f" (e.g. token {diff[0][0]!r})" if diff else ""
+        raise ConfigError(
+            f"incompatible tokenizers: student and teacher map tokens to different ids ({len(sv)} vs {len(tv)} "
+            f"tokens{example}); on-policy distillation needs identical token ids"
+        )
+    if student_tok.eos_token_id != teacher_tok.eos_token_id:
+        raise ConfigError(f"incompatible tokenizers: eos ids differ ({student_tok.eos_token_id} vs "
+                          f"{teacher_tok.eos_token_id})")
+
+
+def aligned_vocab_size(tokenizer, *models) -> int:
+    m = _models()
+    if m is not None and hasattr(m, "aligned_vocab_size"):
+        try:
+            return int(m.aligned_vocab_size(tokenizer, *models))
+        except ValueError as exc:
+            raise ConfigError(f"vocabulary mismatch: {str(exc).splitlines()[0]}") from None
+    v = len(tokenizer)
+    for model in models:
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < v and not hasattr(model.get_output_embeddings().weight, "ds_shape"):
+            raise ConfigError(f"model vocabulary ({rows}) is smaller than the tokenizer's ({v})")
+    return v
+
+
+def _check_model_dir(path: str, what: str) -> None:
+    if not path or not os.path.isdir(path):
+        raise ConfigError(f"{what} not found: {path!r} (a directory saved with save_pretrained)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{what} {path!r} has no config.json; is it a transformers model directory?")
+
+
+def resolve_model_dirs(cfg: Config) -> tuple[str, str]:
+    """(teacher_dir, student_dir). demo/tiny pairs are built once by rank 0 (others wait at a barrier)."""
+    src = cfg.model.source
+    if src == "path":
+        _check_model_dir(cfg.model.path, "model.path (student)")
+        _check_model_dir(cfg.teacher.path, "teacher.path")
+        return cfg.teacher.path, cfg.model.path
+    m = _models()
+    if m is None:
+        raise ConfigError(f"model.source={src} needs opdx.models (not in this build); use model.source=path")
+    if src == "tiny":
+        out = cfg.model.cache_dir or os.path.join(cfg.train.output_dir, "models")
+        if _rank() == 0:
+            dirs = m.make_tiny_models(out, seed=cfg.train.seed)
+        barrier()
+        if _rank() != 0:
+            dirs = m.make_tiny_models(out, seed=cfg.train.seed)
+        return tuple(dirs)
+    kwargs = {"student_layers": cfg.model.student_layers}
+    cache = cfg.model.cache_dir or None
+    if _rank() == 0:
+        dirs = m.ensure_demo_models(cache, **kwargs)
+    barrier()
+    if _rank() != 0:
+        dirs = m.ensure_demo_models(cache, **kwargs)
+    return tuple(dirs)
+
+
+def _resolve_data_path(path: str) -> str:
+    if path and not os.path.isabs(path) and not os.path.exists(path) and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
+    return path
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def lr_lambda(cfg: Config):
+    warm, total, floor = cfg.optim.warmup_steps, max(cfg.train.max_steps, 1), cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    zero = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_student(cfg: Config, student_dir: str, device):
+    model = load_causal_lm(student_dir, dtype=DTYPES[cfg.model.dtype],
+                           attn_implementation=cfg.model.attn_implementation, device=device)
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.lora:
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
+            target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str):
+    """Student forward + the configured loss on one batch. Returns (loss tensor, stats with k1/k3 sums, count)."""
+    from opdx.losses import gjsd_loss, opd_loss, reverse_kl_estimates, sft_loss, topk_loss
+    from opdx.ops import token_logprobs
+
+    kind, temp = cfg.loss.kind, cfg.loss.temperature
+    mask = batch.loss_mask
+    sft = cfg.loss.sft_alpha > 0 and source != "student"
+    stats = {}
+    if kind in ("opd", "gjsd"):
+        # logits only from the first position that predicts a completion token on (prompts are never scored):
+        # the lm_head forward/backward over the prompt is skipped
+        keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
+        out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                     logits_to_keep=keep)
+        logits = out.logits[:, :-1, :vocab]
+        batch = batch.tail(keep - 1)
+        mask = batch.loss_mask
+        if kind == "opd" or sft:
+            s_logp = token_logprobs(logits, batch.targets, temperature=temp)
+        if kind == "opd":
+            t_logp = signal.token_logprobs[:, -batch.targets.shape[1]:]
+            loss, _ = opd_loss(s_logp, t_logp, mask, normalize=cfg.loss.normalize_reward)
+        else:
+            rows = logits[mask]
+            loss = gjsd_loss(rows, signal.logits, beta=cfg.loss.beta, temperature=temp)
+            with torch.no_grad():
+                t_logp = torch.zeros(batch.targets.shape, dtype=torch.float32, device=rows.device)
+                t_logp[mask] = token_logprobs(signal.logits, batch.targets[mask], temperature=temp)
+                if not sft:
+                    s_logp = token_logprobs(logits.detach(), batch.targets, temperature=temp)
+    else:  # topk: hidden states + lm_head weight, never [N, V] with grad
+        base = _base(engine.module)
+        out = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1][mask]
+        head = base.get_output_embeddings()
+        weight = head.weight[:vocab]
+        bias = head.bias[:vocab] if getattr(head, "bias", None) is not None else None
+        loss = topk_loss(hidden, weight, signal.topk_ids, signal.topk_logprobs, bias=bias, beta=cfg.loss.beta,
+                         temperature=temp, tail=cfg.loss.tail)
+        tgt = batch.targets[mask]
+        s_rows = None
+        if sft:
+            s_rows = token_logprobs(head(hidden)[..., :vocab], tgt, temperature=temp)
+            loss = loss + cfg.loss.sft_alpha * (-s_rows.float().mean() if s_rows.numel() else 0.0)
+            sft = False
+        with torch.no_grad():
+            if s_rows is None:
+                s_rows = torch.cat([token_logprobs(head(hidden[i:i + 1024].detach())[..., :vocab], tgt[i:i + 1024],
+                                                   temperature=temp) for i in range(0, hidden.shape[0], 1024)]) \
+                    if hidden.shape[0] else hidden.new_zeros(0)
+            s_logp = torch.zeros_like(batch.targets, dtype=torch.float32)
+            s_logp[mask] = s_rows.detach().float()
+            t_logp = signal.token_logprobs
+    if sft:
+        loss = loss + cfg.loss.sft_alpha * sft_loss(s_logp, mask)
+    _, _, k1_sum, n = reverse_kl_estimates(s_logp.detach(), t_logp, mask)
+    log_ratio = (t_logp - s_logp.detach())[mask.bool()].float()
+    k3_sum = (torch.expm1(log_ratio.clamp(max=30.0)) - log_ratio).sum()
+    stats.update(k1_sum=float(k1_sum), k3_sum=float(k3_sum), n=float(n))
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _ckpt_root(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / "checkpoints"
+
+
+def newest_checkpoint(cfg: Config) -> Path | None:
+    root = _ckpt_root(cfg)
+    if not root.is_dir():
+        return None
+    best = None
+    for p in root.iterdir():
+        if p.name.startswith("step_") and (p / "trainer_state.json").is_file():
+            try:
+                n = int(p.name[5:])
+            except ValueError:
+                continue
+            if best is None or n > best[0]:
+                best = (n, p)
+    return best[1] if best else None
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(cfg: Config, engine, step: int, sampler: Sampler) -> None:
+    """Atomic: every rank writes into checkpoints/.tmp_step_N, then rank 0 renames it to step_N."""
+    root = _ckpt_root(cfg)
+    tmp, final = root / f".tmp_step_{step}", root / f"step_{step}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    barrier()
+    if _rank() == 0:
+        state = {"step": step, "sampler": sampler.state_dict(), "world_size": _world()}
+        with open(tmp / "trainer_state.json", "w") as f:
+            json.dump(state, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted((int(p.name[5:]), p) for p in root.iterdir()
+                      if p.name.startswith("step_") and p.name[5:].isdigit())
+        for _, p in done[:-max(1, cfg.save.keep)]:
+            shutil.rmtree(p, ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(cfg: Config, engine, sampler: Sampler, path: Path) -> int:
+    with open(path / "trainer_state.json") as f:
+        state = json.load(f)
+    if state.get("world_size") != _world():
+        raise ConfigError(f"checkpoint {path} was written by {state.get('world_size')} ranks, now {_world()}")
+    load_path, _ = engine.load_checkpoint(str(path), tag="ds")
+    if load_path is None:
+        raise ConfigError(f"checkpoint {path} could not be loaded by DeepSpeed")
+    sampler.load_state_dict(state["sampler"])
+    rng = path / f"rng_rank{_rank()}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return int(state["step"])
+
+
+# ------------------------------------------------------------------------------------------------ logging
+class Logger:
+    def __init__(self, cfg: Config, start_step: int):
+        self.rank0 = _rank() == 0
+        self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
+        self.tb = None
+        if not self.rank0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step > 0 and self.path.exists():  # resumed: drop what the killed run logged after the checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif start_step == 0:
+            self.path.write_text("")
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(cfg.train.output_dir) / "tb"), purge_step=start_step + 1)
+            except ImportError:  # pragma: no cover
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.rank0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_learning_curve(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    train = [r for r in rows if "loss" in r]
+    ev = [r for r in rows if "eval_reverse_kl" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set_title("loss")
+    axes[0].set_xlabel("step")
+    if train:
+        axes[1].plot([r["step"] for r in train], [r["reverse_kl"] for r in train], label="train reverse KL (k1)")
+    if ev:
+        axes[1].plot([r["step"] for r in ev], [r["eval_reverse_kl"] for r in ev], "o-", label="held-out reverse KL")
+    axes[1].set_xlabel("step")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+@torch.no_grad()
+def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad_id, device) -> dict:
+    """Held-out reverse KL: the student samples on held-out prompts; student and teacher both score the samples;
+    the mean per-token k1 over all ranks' tokens."""
+    from opdx.losses import reverse_kl_estimates
+    from opdx.ops import token_logprobs
+
+    world, rank = _world(), _rank()
+    n = min(cfg.eval.num_prompts, len(eval_prompts))
+    per_rank = max(1, n // world)
+    mine = [eval_prompts[(rank + world * i) % len(eval_prompts)] for i in range(per_rank)]
+    bs = cfg.eval.batch_size
+    k1_sum = k3_sum = count = resp = seqs = 0.0
+    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    was_training = student.training
+    student.eval()
+    for b, s in enumerate(range(0, len(mine), bs)):
+        prompts = mine[s:s + bs]
+        rb = rollout.generate(prompts, seed=step_seed(cfg.eval.seed, 0, b, rank, salt=1), max_new_tokens=max_new,
+                              temperature=cfg.eval.temperature)
+        batch = build_batch(prompts, rb.completions(), pad_id).to(device)
+        t_logp = teacher.score(batch, "opd", vocab_size=vocab).token_logprobs
+        keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                         logits_to_keep=keep).logits
+        batch = batch.tail(keep - 1)
+        t_logp = t_logp[:, -batch.targets.shape[1]:]
+        s_logp = token_logprobs(logits[:, :-1, :vocab], batch.targets)
+        _, k3, k1s, c = reverse_kl_estimates(s_logp, t_logp, batch.loss_mask)
+        k1_sum += float(k1s)
+        k3_sum += float(k3) * float(c)
+        count += float(c)
+        resp += float(sum(batch.completion_lens))
+        seqs += len(prompts)
+    if was_training:
+        student.train()
+    k1_sum, k3_sum, count, resp, seqs = all_reduce_sum([k1_sum, k3_sum, count, resp, seqs])
+    return {"eval_reverse_kl": k1_sum / max(count, 1), "eval_k3": k3_sum / max(count, 1),
+            "eval_response_len": resp / max(seqs, 1)}
+
+
+# ------------------------------------------------------------------------------------------------ main loop
+def run(cfg: Config) -> dict:
+    t_start = time.time()
+    rank, world = _rank(), _world()
+    out_dir = Path(cfg.train.output_dir)
+
+    # 1. cheap validation: data files, then models/tokenizers (before DeepSpeed or any weights are loaded)
+    d = cfg.data
+    train_examples = load_examples(_resolve_data_path(d.train), prompt_field=d.prompt_field,
+                                   response_field=d.response_field, split=d.split, what="data.train")
+    eval_examples = load_examples(_resolve_data_path(d.eval), prompt_field=d.prompt_field,
+                                  response_field=d.response_field, split=d.split, what="data.eval") \
+        if d.eval else train_examples
+    use_cuda = torch.cuda.is_available()
+    backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed + rank)
+    random.seed(cfg.train.seed + rank)
+
+    def prepare():
+        teacher_dir, student_dir = resolve_model_dirs(cfg)
+        student_tok, teacher_tok = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
+        check_tokenizers(student_tok, teacher_tok)
+        tok = student_tok
+        if tok.eos_token_id is None:
+            raise ConfigError(f"the tokenizer in {student_dir} has no eos_token; set one (generation must stop)")
+        eos_ids = [int(tok.eos_token_id)]
+        pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else eos_ids[0]
+        enc = dict(chat_template=d.chat_template, system_prompt=d.system_prompt, max_prompt_len=d.max_prompt_len,
+                   max_response_len=d.max_response_len, eos_id=eos_ids[0])
+        train_prompts, train_responses = encode_examples(tok, train_examples, what="data.train", **enc)
+        eval_prompts, _ = encode_examples(tok, eval_examples, what="data.eval", **enc)
+        return teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts
+
+    # local model dirs are validated (paths, tokenizers, prompt lengths) before any process group or weights
+    prepared = prepare() if cfg.model.source == "path" else None
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+    if prepared is None:  # demo/tiny pairs are built by rank 0 while the others wait
+        prepared = prepare()
+    teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts = prepared
+
+    # 2. engines
+    ds_cfg = deepspeed_config(cfg)
+    student = build_student(cfg, student_dir, device)
+    from opdx.teacher.local import LocalTeacher
+
+    t_dtype = DTYPES[cfg.teacher.dtype or cfg.model.dtype]
+    teacher_model = load_causal_lm(teacher_dir, dtype=t_dtype,
+                                   attn_implementation=cfg.teacher.attn_implementation or cfg.model.attn_implementation,
+                                   device=device)
+    vocab = aligned_vocab_size(tok, _base(student), teacher_model)
+    params = [p for p in student.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=params, config=ds_cfg,
+                                           lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    teacher_ds = {"bf16": {"enabled": t_dtype == torch.bfloat16}, "fp16": {"enabled": t_dtype == torch.float16}}
+    teacher = LocalTeacher(teacher_model, use_deepspeed=cfg.teacher.deepspeed, logits_chunk=cfg.teacher.logits_chunk,
+                           ds_config=teacher_ds)
+    if teacher.zero3:
+        teacher.logits_chunk = 1 << 62  # one lm_head call per batch keeps ZeRO-3 gathers matched across ranks
+    from opdx.rollout import make_rollout
+
+    zero3 = cfg.deepspeed.zero_stage == 3
+    rollout = make_rollout(cfg, engine.module, tok, eos_ids=eos_ids, pad_id=pad_id, synced_gpus=zero3 and world > 1,
+                           vocab_size=vocab)
+
+    sampler = Sampler(len(train_prompts), cfg.train.micro_batch_size, world_size=world, rank=rank,
+                      seed=cfg.train.seed)
+    start_step = 0
+    if cfg.train.resume:
+        ck = newest_checkpoint(cfg)
+        if ck is not None:
+            start_step = load_checkpoint(cfg, engine, sampler, ck)
+            if rank == 0:
+                print(f"opdx.train: resumed from {ck} (step {start_step})", flush=True)
+    logger = Logger(cfg, start_step)
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources_file = open(out_dir / f"sources_rank{rank}.jsonl", "a" if start_step else "w") \
+        if cfg.log.per_rank_sources else None
+
+    def do_eval(step):
+        rec = {"step": step, **evaluate(cfg, rollout, teacher, engine.module, eval_prompts, vocab=vocab,
+                                        pad_id=pad_id, device=device)}
+        logger.log(rec)
+        return rec
+
+    evals = []
+    if start_step == 0:
+        evals.append(do_eval(0))
+    bar = None
+    if rank == 0 and cfg.log.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="opdx", dynamic_ncols=True)
+    setup_s = time.time() - t_start
+    last = {}
+
+    # 3. the loop
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        t_step = time.time()
+        tr = tt = tl = 0.0
+        loss_sum = k1_sum = k3_sum = ntok = resp = nseq = 0.0
+        sources = []
+        for micro in range(cfg.train.grad_accum):
+            idx = sampler.next_batch()  # same order on resume
+            prompts = [train_prompts[i] for i in idx]
+            source = draw_source_synced(cfg, step, micro)  # one draw, broadcast from rank 0
+            sources.append(source)
+            if sources_file:
+                sources_file.write(json.dumps({"step": step, "micro": micro, "source": source}) + "\n")
+                sources_file.flush()
+            t0 = time.time()
+            seed = step_seed(cfg.train.seed, step, micro, rank)
+            if source == "student":
+                completions = rollout.generate(prompts, seed=seed).completions()
+            elif source == "teacher":
+                completions = teacher.generate(prompts, seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
+                                               temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                               eos_ids=eos_ids, pad_id=pad_id,
+                                               synced_gpus=False, vocab_size=vocab).completions()
+            else:
+                completions = [train_responses[i] for i in idx]
+            batch = build_batch(prompts, completions, pad_id).to(device)
+            t1 = time.time()
+            signal = teacher.score(batch, cfg.loss.kind, vocab_size=vocab, temperature=cfg.loss.temperature,
+                                   topk=cfg.loss.topk)
+            t2 = time.time()
+            loss, st = distill_step(cfg, engine, batch, signal, vocab, source)
+            engine.backward(loss)
+            engine.step()
+            t3 = time.time()
+            tr, tt, tl = tr + t1 - t0, tt + t2 - t1, tl + t3 - t2
+            loss_sum += float(loss.detach())
+            k1_sum, k3_sum, ntok = k1_sum + st["k1_sum"], k3_sum + st["k3_sum"], ntok + st["n"]
+            resp, nseq = resp + sum(batch.completion_lens), nseq + len(prompts)
+        rollout.sync_weights(engine)  # a vLLM engine would load the new student weights here
+        loss_sum, k1_sum, k3_sum, ntok, resp, nseq = all_reduce_sum([loss_sum, k1_sum, k3_sum, ntok, resp, nseq])
+        dt = time.time() - t_step
+        last = {
+            "step": step,
+            "loss": loss_sum / (world * cfg.train.grad_accum),
+            "reverse_kl": k1_sum / max(ntok, 1),
+            "reverse_kl_k3": k3_sum / max(ntok, 1),
+            "lr": engine.get_lr()[0],
+            "tokens": int(ntok),
+            "tokens_per_s": ntok / max(dt, 1e-9),
+            "time_rollout_s": tr,
+            "time_teacher_s": tt,
+            "time_train_s": tl,
+            "response_len": resp / max(nseq, 1),
+            "source": sources[0] if len(set(sources)) == 1 else ",".join(sources),
+        }
+        logger.log(last)
+        if bar is not None:
+            bar.set_postfix(loss=f"{last['loss']:.4f}", rkl=f"{last['reverse_kl']:.4f}",
+                            tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
+            evals.append(do_eval(step))
+        if cfg.save.every and step % cfg.save.every == 0:
+            save_checkpoint(cfg, engine, step, sampler)
+        hang = os.environ.get("OPDX_TEST_HANG_AFTER_STEP")  # tests: wait here to be SIGKILLed
+        if hang and step == int(hang):
+            parent = os.getppid()
+            while os.getppid() == parent:  # never outlive the launcher
+                time.sleep(0.5)
+            os._exit(1)
+    if bar is not None:
+        bar.close()
+    if sources_file:
+        sources_file.close()
+
+    # 4. final model, summary, learning curve
+    final_dir = out_dir / "final"
+    if cfg.save.final:
+        save_final(cfg, engine, tok, final_dir)
+    logger.close()
+    summary = {}
+    if rank == 0:
+        all_rows = [json.loads(ln) for ln in logger.path.read_text().splitlines() if ln.strip()]
+        ev = [r for r in all_rows if "eval_reverse_kl" in r]
+        summary = {"steps": cfg.train.max_steps, "wall_s": round(time.time() - t_start, 1),
+                   "setup_s": round(setup_s, 1)}
+        if ev:
+            first, lastev = ev[0]["eval_reverse_kl"], ev[-1]["eval_reverse_kl"]
+            summary.update(eval_reverse_kl_start=first, eval_reverse_kl_end=lastev,
+                           eval_reverse_kl_ratio=lastev / first if first else float("nan"))
+        if last:
+            summary.update(final_loss=last["loss"], final_reverse_kl=last["reverse_kl"])
+        if cfg.log.plot:
+            try:
+                plot_learning_curve(logger.path, out_dir / "learning_curve.png")
+                summary["plot"] = str(out_dir / "learning_curve.png")
+            except Exception as exc:  # plotting must never fail a finished run
+                summary["plot_error"] = str(exc)
+        if cfg.save.final:
+            summary["final_model"] = str(final_dir)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print("opdx.train summary: " + json.dumps(summary), flush=True)
+    barrier()
+    return summary
+
+
+def save_final(cfg: Config, engine, tokenizer, final_dir: Path) -> None:
+    """save_pretrained under output_dir/final (ZeRO-3 weights consolidated; LoRA merged into the base)."""
+    module = engine.module
+    if cfg.deepspeed.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = None
+    if _rank() == 0:
+        tmp = final_dir.with_name(final_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.model.lora:
+            module.save_pretrained(str(tmp / "adapter"))
+            if state is None:
+                merged = module.merge_and_unload()
+                merged.save_pretrained(str(tmp))
+        else:
+            module.save_pretrained(str(tmp), state_dict=state)
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp, final_dir)
+    barrier()
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="opdx.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML config (defaults: the embedded demo)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.kind=gjsd loss.beta=0.5")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    _single_process_env()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg)
+    except ConfigError as exc:
+        if _rank() == 0:
+            print(f"opdx.train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

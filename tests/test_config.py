@@ -1,0 +1,74 @@
+import pytest
+
+from opdx.config import Config, ConfigError, all_keys, load_config
+
+
+def test_defaults_are_the_demo():
+    cfg = load_config()
+    assert cfg.model.source == "demo" and cfg.loss.kind == "opd" and cfg.data.train.endswith("prompts_train.jsonl")
+    assert "loss.beta" in all_keys() and "deepspeed.zero_stage" in all_keys()
+
+
+def test_yaml_then_overrides_typed(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("loss:\n  kind: gjsd\n  beta: 0.25\ntrain:\n  max_steps: 3\n")
+    cfg = load_config(str(p), ["loss.beta=1", "train.max_steps=7", "train.resume=true", "optim.betas=[0.8,0.9]",
+                               "model.lora_target_modules=q_proj,v_proj", "train.output_dir=/tmp/x"])
+    assert cfg.loss.kind == "gjsd"
+    assert cfg.loss.beta == 1.0 and isinstance(cfg.loss.beta, float)
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.resume is True
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("loss.betta=1.0", "did you mean 'loss.beta'"),
+    ("los.beta=1.0", "did you mean 'loss.beta'"),
+    ("train.max_step=3", "did you mean 'train.max_steps'"),
+    ("beta=1", "did you mean 'loss.beta'"),
+    ("deepspeed.zero=3", "did you mean 'deepspeed.zero_stage'"),
+])
+def test_unknown_key_suggests_closest(override, fragment):
+    with pytest.raises(ConfigError, match="unknown config key") as exc:
+        load_config(None, [override])
+    assert fragment in str(exc.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("train.max_steps=abc", "train.max_steps must be of type int"),
+    ("train.max_steps=1.5", "must be of type int"),
+    ("train.resume=maybe", "must be a boolean"),
+    ("loss.kind=kl", "loss.kind must be one of"),
+    ("loss.beta=2", "loss.beta must be in [0, 1]"),
+    ("deepspeed.zero_stage=4", "zero_stage must be 0-3"),
+    ("loss.beta", "must look like section.key=value"),
+    ("model.source=path", "model.path"),
+])
+def test_bad_values(override, fragment):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert fragment in str(exc.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_shipped_configs_parse():
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
+    files = glob.glob(os.path.join(root, "*.yaml"))
+    assert files
+    for f in files:
+        assert isinstance(load_config(f), Config)
