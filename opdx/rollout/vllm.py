@@ -55,7 +55,8 @@ def iter_student_weights(model):
     try:
         base = model.get_base_model() if peft else model
         zero3 = any(hasattr(p, "ds_id") for p in base.parameters())
-        named = list(base.named_parameters()) + [(n, b) for n, b in base.named_buffers() if n.endswith("weight")]
+        # remove_duplicate=False: tied parameters under every name (vLLM reloads a tied lm_head as its own layer)
+        named = list(base.named_parameters(remove_duplicate=False))
         for name, param in named:
             if "lora_" in name or "modules_to_save" in name:
                 continue
