@@ -111,7 +111,8 @@ def served(tiny):
     port = _free_port()
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", path, "--host", "127.0.0.1", "--port",
+    # vllm-cpu 0.32.0: `vllm serve` dies on importlib.metadata.version("vllm") (the dist is named vllm-cpu)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1", "--port",
            str(port), "--dtype", "float32", "--enforce-eager", "--max-logprobs", "8", "--no-enable-prefix-caching",
            "--max-model-len", "256", "--served-model-name", "tiny"]
     log = open(os.path.join(os.path.dirname(path), "vllm_serve.log"), "w")
