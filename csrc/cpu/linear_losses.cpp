@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "opdx/linear_common.h"
 #include "opdx/torch_utils.h"
 #include "row_kernels.h"
 
@@ -21,36 +22,8 @@ namespace opdx {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTileElems = int64_t(1) << 23;  // 8M elements (32 MiB fp32) per [N, tile] buffer by default
-
-int64_t choose_tile(int64_t requested, int64_t N, int64_t V) {
-  int64_t tile = requested;
-  if (tile <= 0) {
-    tile = kTileElems / std::max<int64_t>(N, 1);
-    tile = std::max<int64_t>(512, std::min<int64_t>(16384, tile));
-    tile = tile / 128 * 128;
-  }
-  return std::max<int64_t>(1, std::min(tile, V));
-}
-
-at::ScalarType acc_dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_linear_inputs(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias, int64_t V) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, op, ": hidden must be [N, d] and weight [V, d], got ",
-              hidden.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(hidden.size(1) == weight.size(1), op, ": hidden has d = ", hidden.size(1), " but weight has d = ",
-              weight.size(1));
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), op, ": hidden and weight dtypes differ (",
-              hidden.scalar_type(), " vs ", weight.scalar_type(), ")");
-  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
-  TORCH_CHECK(V >= 1 && V <= weight.size(0), op, ": vocab size ", V, " must be in [1, ", weight.size(0), "]");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous(), op,
-                ": bias must be a contiguous [V] tensor matching weight.size(0) = ", weight.size(0));
-    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype must match weight");
-  }
-}
+using linear::check_linear_inputs;
+using linear::choose_tile;
 
 // One linear layer viewed tile by tile: upcast hidden once, upcast each weight tile as it is used.
 struct TiledLinear {
@@ -60,7 +33,7 @@ struct TiledLinear {
   at::ScalarType acc;
 
   TiledLinear(const at::Tensor& hidden, const at::Tensor& w, const c10::optional<at::Tensor>& b)
-      : weight(w), bias(b), acc(acc_dtype_of(hidden)) {
+      : weight(w), bias(b), acc(acc_dtype_for(hidden)) {
     h = hidden.to(acc).contiguous();
   }
 
@@ -393,7 +366,7 @@ void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws
   check_linear_inputs(op, ht, wt, bt, V);
   TORCH_CHECK(hs.size(0) == ht.size(0), op, ": student and teacher hidden have ", hs.size(0), " and ", ht.size(0),
               " rows");
-  TORCH_CHECK(acc_dtype_of(hs) == acc_dtype_of(ht), op, ": student and teacher must both be float64 or neither");
+  TORCH_CHECK(acc_dtype_for(hs) == acc_dtype_for(ht), op, ": student and teacher must both be float64 or neither");
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,

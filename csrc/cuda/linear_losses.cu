@@ -9,39 +9,15 @@
 #include <limits>
 
 #include "linear_losses_kernels.cuh"
+#include "opdx/linear_common.h"
 #include "torch_cuda_utils.h"
 
 namespace opdx {
 namespace cuda {
 namespace {
 
-constexpr int64_t kTileElems = int64_t(1) << 23;
-
-int64_t choose_tile(int64_t requested, int64_t N, int64_t V) {
-  int64_t tile = requested;
-  if (tile <= 0) {
-    tile = kTileElems / std::max<int64_t>(N, 1);
-    tile = std::max<int64_t>(512, std::min<int64_t>(16384, tile));
-    tile = tile / 128 * 128;
-  }
-  return std::max<int64_t>(1, std::min(tile, V));
-}
-
-at::ScalarType acc_dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_linear_inputs(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias, int64_t V) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), op,
-              ": hidden must be [N, d] and weight [V, d], got ", hidden.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), op, ": hidden and weight dtypes differ");
-  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
-  TORCH_CHECK(V >= 1 && V <= weight.size(0), op, ": vocab size ", V, " must be in [1, ", weight.size(0), "]");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous() &&
-                    bias->scalar_type() == weight.scalar_type(),
-                op, ": bias must be a contiguous [V] tensor of the weight dtype");
-  }
-}
+using linear::check_linear_inputs;
+using linear::choose_tile;
 
 // One lm_head viewed tile by tile. GEMMs read hidden/weight in their own dtype and write fp32 (fp64 for fp64).
 struct TiledLinear {
@@ -51,7 +27,7 @@ struct TiledLinear {
   at::ScalarType acc;
 
   TiledLinear(const at::Tensor& hidden, const at::Tensor& w, const c10::optional<at::Tensor>& b)
-      : h(hidden.contiguous()), weight(w), bias(b), acc(acc_dtype_of(hidden)) {}
+      : h(hidden.contiguous()), weight(w), bias(b), acc(acc_dtype_for(hidden)) {}
 
   at::Tensor weight_tile(int64_t v0, int64_t n) const { return weight.narrow(0, v0, n); }
 
