@@ -371,13 +371,16 @@ def _scatter_rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out.masked_scatter(mask, rows.float()) if rows.numel() else out
 
 
-def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *, fused: bool = False):
-    """Student forward + the configured loss on one batch. Returns (loss tensor, stats) with stats = k1/k3 sums and
-    token count, plus ``student_logp`` [B, T] (detached, at temperature 1, for the rollout logprob mismatch) and
-    ``batch`` (the batch cut to the T target positions that were scored).
+def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *, fused: bool = False,
+                 raw_logp: bool = False):
+    """Student forward + the configured loss on one batch. Returns (loss tensor, stats) with stats = k1/k3 sums,
+    token count and ``batch`` (the batch cut to the T target positions that were scored).
 
     ``fused``: opd/gjsd from the final hidden states and the lm_head weight (opdx.ops.linear_token_logprobs /
-    linear_generalized_jsd), never forming [N, V] logits; same loss and gradients as the logits path."""
+    linear_generalized_jsd), never forming [N, V] logits; same loss and gradients as the logits path.
+    ``raw_logp``: also return ``stats["student_logp"]`` [B, T], the detached student logprobs of the targets at
+    temperature 1 over all lm_head rows: what vLLM reports as sampling logprobs (its default raw_logprobs mode, taken
+    before the allowed-token mask that hides padded vocabulary rows), for the rollout logprob mismatch."""
     from opdx.losses import gjsd_loss, opd_loss, reverse_kl_estimates, sft_loss, topk_loss
     from opdx.ops import linear_generalized_jsd, linear_token_logprobs, token_logprobs
 
@@ -385,7 +388,7 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
     mask = batch.loss_mask
     sft = cfg.loss.sft_alpha > 0 and source != "student"
     stats = {}
-    raw_rows = None  # temperature-1 student logprobs at the masked targets (computed only when temp != 1)
+    raw_rows = None  # raw_logp: temperature-1 student logprobs over all lm_head rows at the masked targets
     if kind in ("opd", "gjsd") and fused:
         hidden, head = _student_hidden(engine, batch)
         rows = hidden[:, :-1][mask]
@@ -418,9 +421,10 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
                 if not sft:
                     s_logp = _scatter_rows(mask, logp_rows(rows.detach(), weight.detach(),
                                                            bias.detach() if bias is not None else None))
-        if temp != 1.0:
+        if raw_logp:
             with torch.no_grad():
-                raw_rows = logp_rows(rows.detach(), weight.detach(), bias.detach() if bias is not None else None, 1.0)
+                full_b = head.bias.detach() if getattr(head, "bias", None) is not None else None
+                raw_rows = logp_rows(rows.detach(), head.weight.detach(), full_b, 1.0)
     elif kind in ("opd", "gjsd"):
         # logits only from the first position that predicts a completion token on (prompts are never scored):
         # the lm_head forward/backward over the prompt is skipped
@@ -443,9 +447,9 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
                 t_logp[mask] = token_logprobs(signal.logits, batch.targets[mask], temperature=temp)
                 if not sft:
                     s_logp = token_logprobs(logits.detach(), batch.targets, temperature=temp)
-        if temp != 1.0:
+        if raw_logp:
             with torch.no_grad():
-                raw_rows = token_logprobs(logits.detach()[mask], batch.targets[mask])
+                raw_rows = token_logprobs(out.logits[:, :-1].detach()[mask], batch.targets[mask])
     else:  # topk: hidden states + lm_head weight, never [N, V] with grad
         base = _base(engine.module)
         out = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -469,17 +473,18 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
             s_logp = torch.zeros_like(batch.targets, dtype=torch.float32)
             s_logp[mask] = s_rows.detach().float()
             t_logp = signal.token_logprobs
-            if temp != 1.0:
-                raw_rows = torch.cat([token_logprobs(head(hidden[i:i + 1024].detach())[..., :vocab],
-                                                     tgt[i:i + 1024]) for i in range(0, hidden.shape[0], 1024)]) \
+            if raw_logp:
+                raw_rows = torch.cat([token_logprobs(head(hidden[i:i + 1024].detach()), tgt[i:i + 1024])
+                                      for i in range(0, hidden.shape[0], 1024)]) \
                     if hidden.shape[0] else hidden.new_zeros(0)
     if sft:
         loss = loss + cfg.loss.sft_alpha * sft_loss(s_logp, mask)
     _, _, k1_sum, n = reverse_kl_estimates(s_logp.detach(), t_logp, mask)
     log_ratio = (t_logp - s_logp.detach())[mask.bool()].float()
     k3_sum = (torch.expm1(log_ratio.clamp(max=30.0)) - log_ratio).sum()
-    stats.update(k1_sum=float(k1_sum), k3_sum=float(k3_sum), n=float(n), batch=batch,
-                 student_logp=s_logp.detach() if raw_rows is None else _scatter_rows(mask, raw_rows))
+    stats.update(k1_sum=float(k1_sum), k3_sum=float(k3_sum), n=float(n), batch=batch)
+    if raw_logp:
+        stats["student_logp"] = _scatter_rows(mask, raw_rows)
     return loss, stats
 
 
@@ -826,8 +831,9 @@ def run(cfg: Config) -> dict:
             signal = teacher.score(batch, cfg.loss.kind, vocab_size=vocab, temperature=cfg.loss.temperature,
                                    topk=cfg.loss.topk)
             t2 = time.time()
-            loss, st = distill_step(cfg, engine, batch, signal, vocab, source, fused=fused)
-            if vllm_rollout and rb is not None and rb.sampling_logprobs is not None:
+            mismatch = vllm_rollout and rb is not None and rb.sampling_logprobs is not None
+            loss, st = distill_step(cfg, engine, batch, signal, vocab, source, fused=fused, raw_logp=mismatch)
+            if mismatch:
                 s, c = rollout_mismatch_sums(rb, st["batch"], st["student_logp"])
                 mm_sum, mm_n = mm_sum + s, mm_n + c
             engine.backward(loss)
