@@ -954,6 +954,12 @@ def main(argv=None) -> int:
         if _rank() == 0:
             print(f"opdx.train: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    # Tear the process group down before interpreter exit: a communicator thread still alive during static
+    # destruction aborts the process ("terminate called without an active exception") after a finished run.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
