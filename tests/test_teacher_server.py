@@ -14,15 +14,15 @@ from opdx.teacher.server import ServerTeacher, TeacherServerError
 V = 16
 
 
-def stub_logprobs(prev: int, j: int) -> torch.Tensor:
+def stub_logprobs(prev: int, j: int, vocab: int = V) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 * prev + j + 7)
-    return torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
+    return torch.log_softmax(torch.randn(vocab, generator=g, dtype=torch.float64), -1)
 
 
-def prompt_logprobs_answer(tokens, k):
+def prompt_logprobs_answer(tokens, k, vocab: int = V):
     out = [None]
     for j in range(1, len(tokens)):
-        lp = stub_logprobs(tokens[j - 1], j)
+        lp = stub_logprobs(tokens[j - 1], j, vocab)
         order = torch.argsort(lp, descending=True).tolist()
         entry = {}
         for r, t in enumerate(order[:k], start=1):
@@ -40,6 +40,7 @@ class Stub:
         self.calls = 0
         self.fail_first = 0
         self.max_logprobs = 20
+        self.vocab = V  # tokens the stub's teacher distributions cover (ids 0..vocab-1)
         self.lock = threading.Lock()
 
 
@@ -75,22 +76,30 @@ def make_handler(stub: Stub):
             if stub.mode == "malformed":
                 return self._send(200, b'{"choices": [ {"prompt_logprobs": ')
             if stub.mode == "short":
-                ans = prompt_logprobs_answer(req["prompt"], k)
+                ans = prompt_logprobs_answer(req["prompt"], k, stub.vocab)
                 ans["choices"][0]["prompt_logprobs"] = ans["choices"][0]["prompt_logprobs"][:-1]
                 return self._send(200, json.dumps(ans).encode())
-            self._send(200, json.dumps(prompt_logprobs_answer(req["prompt"], k)).encode())
+            self._send(200, json.dumps(prompt_logprobs_answer(req["prompt"], k, stub.vocab)).encode())
 
     return H
 
 
-@pytest.fixture()
-def server():
+def start_stub(vocab: int = V):
+    """(stub, httpd): the stub teacher server on 127.0.0.1 (a free port) in a daemon thread; stop with
+    ``httpd.shutdown(); httpd.server_close()``."""
     stub = Stub()
+    stub.vocab = vocab
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(stub))
     httpd.daemon_threads = True
     th = threading.Thread(target=httpd.serve_forever, daemon=True)
     th.start()
     stub.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    return stub, httpd
+
+
+@pytest.fixture()
+def server():
+    stub, httpd = start_stub()
     yield stub
     httpd.shutdown()
     httpd.server_close()

@@ -4,6 +4,7 @@ and SIGKILL + resume reproducing the metrics."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -234,3 +235,47 @@ def test_bad_input_exit_code_cli(tiny, tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == "opdx.train: error: unknown config key 'loss.kindd'; did you mean " \
                                                 "'loss.kind'?"
+
+
+# --------------------------------------------------------------------------------------------- wiring
+def _finite_run(out, steps):
+    rows = metrics(out)
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    for r in train:
+        for k in ("loss", "reverse_kl", "reverse_kl_k3"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]), (r["step"], k, r[k])
+    assert any(r["loss"] != 0.0 for r in train)
+    ev = [r for r in rows if "eval_reverse_kl" in r]
+    assert ev and all(math.isfinite(r["eval_reverse_kl"]) for r in ev)
+    return train
+
+
+def test_fused_linear_gjsd_zero1(tiny, tmp_path):
+    """loss.fused_linear=true: student and teacher through opdx.ops.linear_* (with an sft term on teacher data)."""
+    out = tmp_path / "fused"
+    p = torchrun(tiny, out, "train.max_steps=3", "loss.kind=gjsd", "loss.fused_linear=true", "loss.lmbda=0.5",
+                 "loss.seq_kd=true", "loss.sft_alpha=0.1", "deepspeed.zero_stage=1", "eval.every=0",
+                 "save.final=false", "log.plot=false")
+    assert "fused lm_head + gjsd loss" in p.stdout
+    _finite_run(out, 3)
+
+
+@pytest.mark.parametrize("kind", ["opd", "topk"])
+def test_server_teacher_stub(tiny, tmp_path, kind):
+    """teacher.server_url: every rank scores through an OpenAI-style /v1/completions stub (prompt_logprobs)."""
+    from test_teacher_server import start_stub
+
+    from opdx.models import load_tokenizer
+
+    stub, httpd = start_stub(vocab=len(load_tokenizer(tiny["student"])))
+    stub.max_logprobs = 8
+    try:
+        out = tmp_path / f"server_{kind}"
+        torchrun(tiny, out, "train.max_steps=2", f"loss.kind={kind}", "loss.topk=8", f"teacher.server_url={stub.url}",
+                 "teacher.path=", "eval.every=0", "save.final=false", "log.plot=false")
+        _finite_run(out, 2)
+        assert stub.calls > 2 * 4 * 2  # probes + one request per sequence, per rank and step (+ eval)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

