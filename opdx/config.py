@@ -50,7 +50,7 @@ class TeacherConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (transformers generate on the live student) | vllm (opdx.rollout.vllm, docs/vllm.md)
+    engine: str = "hf"  # hf (transformers generate on the live student) | vllm (opdx.rollout.vllm, the README's vLLM section)
     mode: str = "colocate"  # vllm: colocate (a vllm.LLM in each training process) | server (external vllm serve)
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -353,7 +353,7 @@ def validate(cfg: Config) -> None:
     r = cfg.rollout
     if r.engine == "vllm" and r.mode == "server":
         need(bool(r.server_url), "rollout.mode=server needs rollout.server_url=http://HOST:PORT (the student's "
-                                 "`vllm serve`, see docs/vllm.md)")
+                                 "`vllm serve`, see the README's vLLM section)")
         need(bool(r.sync_dir), "rollout.mode=server needs rollout.sync_dir=<dir> readable by the vllm serve process "
                                "(the student weights are written there after each step)")
     if r.engine == "vllm":
