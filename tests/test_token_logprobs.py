@@ -13,7 +13,8 @@ FWD_TOL = 2e-5
 GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
 
 
-def check_against_reference(logits, targets, temperature=1.0, ignore_index=-100, entropy=True, grad_tol=None):
+def check_against_reference(logits, targets, temperature=1.0, ignore_index=-100, entropy=True, grad_tol=None,
+                            entropy_atol=1e-6):
     x = logits.detach().clone().requires_grad_(True)
     lp, h = opdx.ops.token_logprobs(x, targets, temperature=temperature, ignore_index=ignore_index,
                                     return_entropy=True)
@@ -24,7 +25,7 @@ def check_against_reference(logits, targets, temperature=1.0, ignore_index=-100,
     tol = 1e-12 if logits.dtype == torch.float64 else FWD_TOL
     assert rel_err(lp, rlp) < tol
     # the entropy of a near-one-hot row is ~1e-3 and fp32 resolves it to ~1e-7 absolute
-    assert rel_err(h, rh) < tol or (h.double() - rh).abs().max().item() < 1e-6
+    assert rel_err(h, rh) < tol or (h.double() - rh).abs().max().item() < entropy_atol
     g_lp = torch.randn_like(rlp)
     g_h = torch.randn_like(rh) if entropy else torch.zeros_like(rh)
     (gx,) = torch.autograd.grad((lp * g_lp.to(lp.dtype)).sum() + (h * g_h.to(h.dtype)).sum(), x)
@@ -53,7 +54,9 @@ def test_neg_inf_entries_and_huge_logits(device, dtype):
     check_against_reference(logits, targets)
     huge = random_logits((4, 5000), dtype, device, huge=True)
     # at |x| ~ 1e4 the fp32 spacing is ~1e-3, so x/T and the saved lse carry ~1e-3 absolute error into log p
-    check_against_reference(huge, torch.randint(0, 5000, (4,), device=device), temperature=0.7, grad_tol=2e-3 if dtype == torch.float32 else None)
+    # (and so ~1e-4 absolute into the entropy of these near-one-hot rows)
+    check_against_reference(huge, torch.randint(0, 5000, (4,), device=device), temperature=0.7,
+                            grad_tol=2e-3 if dtype == torch.float32 else None, entropy_atol=2e-4)
 
 
 @pytest.mark.parametrize("device", devices())
