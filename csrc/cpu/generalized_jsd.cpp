@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> generalized_jsd_fwd_cpu(const at::Tensor& stu
     mask_ptr = mask->const_data_ptr<bool>();
   }
   const bool is_double = student.scalar_type() == at::kDouble;
-  const auto acc_dtype = is_double ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_dtype_for(student);
   at::Tensor loss = at::empty({N}, student.options().dtype(acc_dtype));
   const auto grad_dtype = (grad_fp32 && !is_double) ? at::kFloat : student.scalar_type();
   at::Tensor grad = compute_grad ? empty_large(student.sizes(), student.options().dtype(grad_dtype))

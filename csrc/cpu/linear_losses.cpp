@@ -24,6 +24,7 @@ namespace {
 
 using linear::check_linear_inputs;
 using linear::choose_tile;
+using linear::dispatch_jsd_mode;
 
 // One linear layer viewed tile by tile: upcast hidden once, upcast each weight tile as it is used.
 struct TiledLinear {
@@ -371,20 +372,6 @@ void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,
                 ": mask must be a contiguous bool tensor with one entry per row (", hs.size(0), ")");
-  }
-}
-
-template <typename Fn>
-void dispatch_jsd_mode(double beta, Fn&& fn) {
-  switch (jsd_mode_for_beta(beta)) {
-    case kJsdForwardKL:
-      fn(std::integral_constant<int, kJsdForwardKL>{});
-      break;
-    case kJsdReverseKL:
-      fn(std::integral_constant<int, kJsdReverseKL>{});
-      break;
-    default:
-      fn(std::integral_constant<int, kJsdMixture>{});
   }
 }
 

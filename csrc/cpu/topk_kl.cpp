@@ -78,7 +78,7 @@ at::Tensor topk_gather_dot_cpu(const at::Tensor& hidden, const at::Tensor& weigh
                                bool deterministic) {
   (void)deterministic;
   check_gather_inputs("topk_gather_dot", hidden, weight, bias, ids);
-  const auto acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_dtype_for(hidden);
   at::Tensor z = at::empty(ids.sizes(), hidden.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "topk_gather_dot_cpu", [&] {
     gather_dot_rows<scalar_t>(hidden, weight, bias, ids, inv_temperature, z);
@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gather_dot_bwd_cpu(const at:
                                                                        bool deterministic, bool acc_out) {
   (void)deterministic;  // the CPU reduction is always deterministic
   check_gather_inputs("topk_gather_dot_bwd", hidden, weight, c10::nullopt, ids);
-  const auto acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_dtype_for(hidden);
   TORCH_CHECK(grad_z.scalar_type() == acc_dtype && grad_z.is_contiguous() && grad_z.sizes() == ids.sizes(),
               "opdx::topk_gather_dot_bwd: grad_z must be a contiguous ", acc_dtype, " tensor shaped like ids");
   const auto out_opts = acc_out ? weight.options().dtype(acc_dtype) : weight.options();
@@ -249,7 +249,7 @@ at::Tensor tile_logits(const at::Tensor& h, const at::Tensor& weight, const c10:
 
 // On CPU (and for fp32/fp64) the matmuls run in the accumulation dtype; on CUDA bf16/fp16 in the input dtype.
 at::Tensor matmul_operand(const at::Tensor& hidden) {
-  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype_for(hidden);
   if (hidden.is_cuda() && (hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf)) return hidden;
   return hidden.to(acc);
 }
@@ -261,7 +261,7 @@ void check_tile(int64_t vocab_tile) {
 at::Tensor topk_vocab_lse_impl(const at::Tensor& hidden, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, double inv_temperature, int64_t vocab_tile) {
   check_tile(vocab_tile);
-  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype_for(hidden);
   const at::Tensor h = matmul_operand(hidden);
   const int64_t V = weight.size(0);
   at::Tensor lse = at::full({hidden.size(0)}, -std::numeric_limits<double>::infinity(), hidden.options().dtype(acc));
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_vocab_lse_bwd_impl(const at:
                                                                        const at::Tensor& lse, double inv_temperature,
                                                                        int64_t vocab_tile, bool acc_out) {
   check_tile(vocab_tile);
-  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype_for(hidden);
   const at::Tensor h = matmul_operand(hidden);
   const int64_t V = weight.size(0);
   const at::Tensor g = grad_lse.to(acc).unsqueeze(1);
@@ -382,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(const at::Tensor
                                                                 double inv_temperature) {
   TORCH_CHECK(logits.dim() >= 1 && k >= 1 && k <= logits.size(-1), "opdx::teacher_topk: need 1 <= k <= V, got k=",
               k, " and V=", logits.dim() >= 1 ? logits.size(-1) : 0);
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_dtype_for(logits);
   const int64_t N = num_rows(logits);
   at::Tensor ids = at::empty({N, k}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({N, k}, logits.options().dtype(acc_dtype));

@@ -18,6 +18,7 @@ namespace {
 
 using linear::check_linear_inputs;
 using linear::choose_tile;
+using linear::dispatch_jsd_mode;
 
 // One lm_head viewed tile by tile. GEMMs read hidden/weight in their own dtype and write fp32 (fp64 for fp64).
 struct TiledLinear {
@@ -193,20 +194,6 @@ void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,
                 ": mask must be a contiguous bool tensor with one entry per row");
-  }
-}
-
-template <typename Fn>
-void dispatch_jsd_mode(double beta, Fn&& fn) {
-  switch (jsd_mode_for_beta(beta)) {
-    case kJsdForwardKL:
-      fn(std::integral_constant<int, kJsdForwardKL>{});
-      break;
-    case kJsdReverseKL:
-      fn(std::integral_constant<int, kJsdReverseKL>{});
-      break;
-    default:
-      fn(std::integral_constant<int, kJsdMixture>{});
   }
 }
 

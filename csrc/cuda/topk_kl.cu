@@ -25,7 +25,6 @@ void check_gather_inputs(const char* op, const at::Tensor& hidden, const at::Ten
   }
 }
 
-at::ScalarType acc_dtype_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor topk_gather_dot_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& ids, double inv_temperature,
@@ -33,7 +32,7 @@ at::Tensor topk_gather_dot_cuda(const at::Tensor& hidden, const at::Tensor& weig
   (void)deterministic;
   check_gather_inputs("topk_gather_dot", hidden, weight, bias, ids);
   const c10::cuda::CUDAGuard guard(hidden.device());
-  at::Tensor z = at::empty(ids.sizes(), hidden.options().dtype(acc_dtype_of(hidden)));
+  at::Tensor z = at::empty(ids.sizes(), hidden.options().dtype(acc_dtype_for(hidden)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "topk_gather_dot_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     using cuda_t = typename CudaType<scalar_t>::type;
@@ -98,7 +97,7 @@ void grad_weight_into(const at::Tensor& grad_z, const at::Tensor& hidden, const 
                       cudaStream_t stream) {
   (void)grad_h_t;
   const int64_t N = ids.size(0), K = ids.size(1), d = hidden.size(1), V = weight.size(0);
-  const auto acc = acc_dtype_of(hidden);
+  const auto acc = acc_dtype_for(hidden);
   const cuda_t* h = reinterpret_cast<const cuda_t*>(hidden.const_data_ptr());
   const cuda_t* w = reinterpret_cast<const cuda_t*>(weight.const_data_ptr());
   check_launch(launch_topk_grad_hidden<cuda_t, acc_t, out_t>(grad_z.const_data_ptr<acc_t>(), w,
@@ -138,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gather_dot_bwd_cuda(const at
                                                                         bool has_bias, bool deterministic,
                                                                         bool acc_out) {
   check_gather_inputs("topk_gather_dot_bwd", hidden, weight, c10::nullopt, ids);
-  const auto acc = acc_dtype_of(hidden);
+  const auto acc = acc_dtype_for(hidden);
   TORCH_CHECK(grad_z.scalar_type() == acc && grad_z.is_contiguous() && grad_z.sizes() == ids.sizes(),
               "opdx::topk_gather_dot_bwd: grad_z must be a contiguous ", acc, " tensor shaped like ids");
   const c10::cuda::CUDAGuard guard(hidden.device());
@@ -205,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(const at::Tenso
               k, " and V=", logits.dim() >= 1 ? logits.size(-1) : 0);
   TORCH_CHECK(k <= kMaxTeacherK, "opdx::teacher_topk: k=", k, " exceeds the CUDA kernel's limit of ", kMaxTeacherK);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc = acc_dtype_of(logits);
+  const auto acc = acc_dtype_for(logits);
   const int64_t N = num_rows(logits);
   at::Tensor ids = at::empty({N, k}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({N, k}, logits.options().dtype(acc));

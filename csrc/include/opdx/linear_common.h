@@ -1,6 +1,8 @@
 // Host-side pieces shared by the CPU and CUDA fused lm_head + loss ops (csrc/cpu/linear_losses.cpp,
-// csrc/cuda/linear_losses.cu): vocabulary tile size and input checks.
+// csrc/cuda/linear_losses.cu): vocabulary tile size, input checks and the JSD-mode dispatch.
 #pragma once
+
+#include <type_traits>
 
 #include "opdx/torch_utils.h"
 
@@ -33,6 +35,21 @@ inline void check_linear_inputs(const char* op, const at::Tensor& hidden, const 
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous(), op,
                 ": bias must be a contiguous [V] tensor matching weight.size(0) = ", weight.size(0));
     TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype must match weight");
+  }
+}
+
+// Calls fn with the JSD mode for beta as a compile-time constant (kernels are templated on it).
+template <typename Fn>
+inline void dispatch_jsd_mode(double beta, Fn&& fn) {
+  switch (jsd_mode_for_beta(beta)) {
+    case kJsdForwardKL:
+      fn(std::integral_constant<int, kJsdForwardKL>{});
+      break;
+    case kJsdReverseKL:
+      fn(std::integral_constant<int, kJsdReverseKL>{});
+      break;
+    default:
+      fn(std::integral_constant<int, kJsdMixture>{});
   }
 }
 
