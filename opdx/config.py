@@ -132,6 +132,7 @@ class EvalConfig:
     temperature: float = 1.0
     seed: int = 1234
     task: bool = True  # greedy task accuracy on the eval records that have an "answer" (opdx.data_eval)
+    at_start: bool = True  # evaluate the initial student at step 0
 
 
 @dataclass

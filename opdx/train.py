@@ -824,7 +824,7 @@ def run(cfg: Config) -> dict:
         return rec
 
     evals = []
-    if start_step == 0:
+    if start_step == 0 and cfg.eval.at_start:
         evals.append(do_eval(0))
     bar = None
     if rank == 0 and cfg.log.progress:
