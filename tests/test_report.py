@@ -202,3 +202,36 @@ def test_cli_prints_paths(tmp_path):
     assert printed[0] == str(tmp_path / "rep" / "report.md")
     assert str(tmp_path / "rep" / "learning_curve.png") in printed
     assert all(Path(x).is_file() for x in printed)
+
+
+# ------------------------------------------------------------------------------- benchmarks/report.py tables
+def _bench_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_report_roofline_and_rows_without_bytes(tmp_path):
+    kernel = {"device": "gpu-x", "op": "token_logprobs", "torch": "2.13", "rows": [
+        {"case": {"n": 8, "v": 16}, "impl": "opdx", "time_ms": 1.0, "gb_per_s": 900.0, "pct_copy_bw": 75.0,
+         "peak_mem_mb": 1.0, "logits_mb": 2.0, "timestamp": "t"},
+        {"case": {"n": 8, "v": 16}, "impl": "torch_eager", "time_ms": 3.0, "gb_per_s": 300.0, "pct_copy_bw": 25.0,
+         "peak_mem_mb": 5.0, "logits_mb": 2.0, "timestamp": "t"}]}
+    step = {"device": "gpu-x", "op": "train_step", "note": "One optimizer step of the demo.", "rows": [
+        {"case": {"loss": "opd"}, "impl": "opdx", "tokens_per_s": 1234.5, "time_rollout_s": 0.5,
+         "phases": {"teacher_s": 0.25}, "timestamp": "t"}]}
+    for name, data in (("a.json", kernel), ("b.json", step)):
+        (tmp_path / name).write_text(json.dumps(data))
+    md = _bench_report().render(str(tmp_path))
+    assert "**% of roofline (copy BW)**" in md and "% copy BW |" not in md
+    kern, train = md.split("## token_logprobs")[1].split("## train_step")
+    assert "| device | n | v | impl | time (ms) | GB/s | % of roofline (copy BW) | peak mem (MB) | logits_mb | " \
+           "speedup vs eager |" in kern
+    assert "| gpu-x | 8 | 16 | opdx | 1.00 | 900.00 | 75.0 | 1.0 | 2.00 | 3.00x |" in kern
+    # no bytes, no time: the row's own numbers instead of an empty table
+    assert "One optimizer step of the demo." in train
+    assert "| device | loss | impl | tokens_per_s | time_rollout_s | phases.teacher_s |" in train
+    assert "| gpu-x | opd | opdx | 1234.50 | 0.50 | 0.25 |" in train
