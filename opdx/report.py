@@ -485,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as exc:
         print(f"opdx.report: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        print(f"opdx.report: error: needs {exc.name} (pip install matplotlib)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"opdx.report: error: cannot write the report: {exc}", file=sys.stderr)
+        return 2
     for w in res["warnings"]:
         print(f"opdx.report: warning: {w}", file=sys.stderr)
     print(res["report"])

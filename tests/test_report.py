@@ -192,6 +192,14 @@ def test_bad_input_one_line_error_exit_2(tmp_path, capsys, case, expect):
     assert not (d / "report").exists()
 
 
+def test_unwritable_out_is_one_line(tmp_path, capsys):
+    d = _write(tmp_path / "run", _run_rows(2))
+    (tmp_path / "afile").write_text("x")
+    assert main([str(d), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("opdx.report: error: cannot write the report") and err.count("\n") == 1
+
+
 def test_cli_prints_paths(tmp_path):
     d = _write(tmp_path / "run", _run_rows(3, every=3), CONFIG)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
