@@ -146,7 +146,7 @@ class SaveConfig:
 class LogConfig:
     progress: bool = True
     tensorboard: bool = True
-    plot: bool = True
+    plot: bool = True  # end of run: opdx.report curves + report.md under output_dir/report/
     per_rank_sources: bool = False  # each rank writes its per-step source draw to sources_rank{r}.jsonl
 
 

@@ -628,31 +628,6 @@ class Logger:
             self.tb.close()
 
 
-def plot_learning_curve(metrics_path: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    train = [r for r in rows if "loss" in r]
-    ev = [r for r in rows if "eval_reverse_kl" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    axes[0].set_title("loss")
-    axes[0].set_xlabel("step")
-    if train:
-        axes[1].plot([r["step"] for r in train], [r["reverse_kl"] for r in train], label="train reverse KL (k1)")
-    if ev:
-        axes[1].plot([r["step"] for r in ev], [r["eval_reverse_kl"] for r in ev], "o-", label="held-out reverse KL")
-    axes[1].set_xlabel("step")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------------------ eval
 @torch.no_grad()
 def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad_id, device, task=(),
@@ -952,8 +927,9 @@ def run(cfg: Config) -> dict:
             summary.update(final_loss=last["loss"], final_reverse_kl=last["reverse_kl"])
         if cfg.log.plot:
             try:
-                plot_learning_curve(logger.path, out_dir / "learning_curve.png")
-                summary["plot"] = str(out_dir / "learning_curve.png")
+                from opdx.report import write_report
+
+                summary["plot"] = str(write_report(out_dir, summary=summary)["plot"])
             except Exception as exc:  # plotting must never fail a finished run
                 summary["plot_error"] = str(exc)
         if cfg.save.final:
