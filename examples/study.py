@@ -8,6 +8,7 @@ constant learning rate; only the data source and the loss change:
     rkl           on-policy  (lmbda=1)  reverse KL (gjsd beta=1), full vocabulary
     opd           on-policy  (lmbda=1)  reverse-KL REINFORCE on the sampled tokens (opd)
     topk16/64     on-policy  (lmbda=1)  JSD beta=0.5 over the teacher's top-16 / top-64 tokens, renormalized
+    topk64_tail   on-policy  (lmbda=1)  the same with the tail bucket log(1 - sum_K p) as a 65th entry
     kd_seq        off-policy (lmbda=0)  the same JSD beta=0.5 on teacher-generated responses (seq_kd)
     sft_seq       off-policy (lmbda=0)  cross-entropy on the same teacher-generated responses
 
@@ -45,6 +46,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {  # name -> (data source, overrides)
     "opd": ("on-policy", ["loss.kind=opd", "loss.lmbda=1"]),
     "topk16": ("on-policy", ["loss.kind=topk", "loss.topk=16", "loss.beta=0.5", "loss.lmbda=1"]),
     "topk64": ("on-policy", ["loss.kind=topk", "loss.topk=64", "loss.beta=0.5", "loss.lmbda=1"]),
+    "topk64_tail": ("on-policy", ["loss.kind=topk", "loss.topk=64", "loss.beta=0.5", "loss.tail=true",
+                                  "loss.lmbda=1"]),
     "kd_seq": ("teacher-generated", ["loss.kind=gjsd", "loss.beta=0.5", "loss.lmbda=0", "loss.seq_kd=true"]),
     "sft_seq": ("teacher-generated", ["loss.kind=sft", "loss.lmbda=0", "loss.seq_kd=true"]),
 }
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--max-tokens", type=int, default=3072, help="teacher-scored tokens per run")
+    p.add_argument("--max-tokens", type=int, default=2048, help="teacher-scored tokens per run")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-every", type=int, default=4, help="steps between held-out evals")
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --nproc_per_node)")
