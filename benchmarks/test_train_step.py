@@ -79,6 +79,31 @@ def qwen_pair(tmp_path_factory):
     return build_pair(where, student="qwen2.5-0.5b", teacher="qwen2.5-1.5b", dtype="bfloat16")
 
 
+def compare_with_trl(student_dir: str, teacher_dir: str, work: Path, *, steps: int, batch: int, max_new_tokens: int,
+                     dtype: str, attn: str) -> dict:
+    """{impl: (loss label, summary row)} for TRL's GKDTrainer (when a Python with trl is there) and opdx's
+    gjsd/opd/topk on the same pair, batch and rollout length; rows get speedup_vs_trl."""
+    common = dict(student_dir=student_dir, teacher_dir=teacher_dir, steps=steps, batch=batch,
+                  max_new_tokens=max_new_tokens, dtype=dtype, attn=attn)
+    rows = {}
+    py = trl_python()
+    if py is None:
+        warnings.warn("TRL side skipped: no Python with trl (set OPDX_TRL_PYTHON)")
+    else:
+        res = run_trl(out_json=work / "trl.json", beta=0.5, python=py, **common)
+        row = summarize(res["steps"])
+        row.update(trl_version=res["versions"]["trl"], attn=attn, optim=res["config"]["optim"])
+        rows["trl_gkd"] = ("gkd(beta 0.5)", row, res["steps"])
+    for impl, kw in GPU_OPDX_KINDS.items():
+        train_rows = run_opdx(opdx_overrides(**common, **kw), work / impl, nproc=1)
+        loss = kw["loss"] + {"gjsd": "(beta 0.5)", "topk": "(K 64)"}.get(kw["loss"], "")
+        rows[impl] = (loss, {**summarize(train_rows), "attn": attn}, train_rows)
+    if "trl_gkd" in rows:
+        for _, row, _ in rows.values():
+            row["speedup_vs_trl"] = rows["trl_gkd"][1]["time_ms"] / row["time_ms"]
+    return rows
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("max_new_tokens", [128, 512])
 def test_train_step_cuda_vs_trl(benchmark, tmp_path, qwen_pair, max_new_tokens):
@@ -86,34 +111,19 @@ def test_train_step_cuda_vs_trl(benchmark, tmp_path, qwen_pair, max_new_tokens):
     on-policy (lmbda 1), rollouts of exactly max_new_tokens (EOS suppressed on both sides). opdx with gjsd(0.5)
     (the GKD loss, fused lm_head + JSD at this vocabulary), opd and topk(64); TRL's GKDTrainer with beta 0.5."""
     teacher_dir, student_dir = qwen_pair
-    steps, batch = _steps(8), 8
+    batch = 8
     attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-    common = dict(student_dir=student_dir, teacher_dir=teacher_dir, steps=steps, batch=batch,
-                  max_new_tokens=max_new_tokens, dtype="bfloat16", attn=attn)
-    case = {"setup": "random qwen2.5-0.5b<-1.5b", "loss": "", "nproc": 1, "batch": batch,
-            "max_new_tokens": max_new_tokens, "dtype": "bfloat16"}
-    rows = {}
+    case = {"setup": "random qwen2.5-0.5b<-1.5b", "nproc": 1, "batch": batch, "max_new_tokens": max_new_tokens,
+            "dtype": "bfloat16"}
+    out = {}
     load = os.getloadavg()[0]
 
     def run():
-        py = trl_python()
-        if py is None:
-            warnings.warn("TRL side skipped: no Python with trl (set OPDX_TRL_PYTHON)")
-        else:
-            res = run_trl(out_json=tmp_path / "trl.json", beta=0.5, python=py, **common)
-            row = summarize(res["steps"])
-            row.update(trl_version=res["versions"]["trl"], attn=attn, optim=res["config"]["optim"])
-            rows["trl_gkd"] = ("gkd(beta 0.5)", row)
-        for impl, kw in GPU_OPDX_KINDS.items():
-            train_rows = run_opdx(opdx_overrides(**common, **kw), tmp_path / impl, nproc=1)
-            loss = kw["loss"] + ({"gjsd": "(beta 0.5)", "topk": "(K 64)"}.get(kw["loss"], ""))
-            rows[impl] = (loss, {**summarize(train_rows), "attn": attn})
+        out["rows"] = compare_with_trl(student_dir, teacher_dir, tmp_path, steps=_steps(8), batch=batch,
+                                       max_new_tokens=max_new_tokens, dtype="bfloat16", attn=attn)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    trl_ms = rows["trl_gkd"][1]["time_ms"] if "trl_gkd" in rows else None
-    for impl, (loss, row) in rows.items():
-        if trl_ms:
-            row["speedup_vs_trl"] = trl_ms / row["time_ms"]
+    for impl, (loss, row, _) in out["rows"].items():
         record("train_step", "cuda", {**case, "loss": loss}, impl, _annotate(row, load))
 
 
@@ -142,23 +152,20 @@ def test_smoke_tokenizer_and_pair(tiny_pair):
     assert cfg.num_hidden_layers == SHAPES["tiny-teacher"]["num_hidden_layers"]
 
 
-def test_smoke_opdx_tiny(tiny_pair, tmp_path):
+def test_smoke_compare_tiny(tiny_pair, tmp_path):
+    """The GPU comparison's code path on tiny models (fp32, CPU): every run trains on exactly batch * max_new_tokens
+    tokens per step (no early EOS), on both sides; the TRL side is skipped without a Python with trl."""
     teacher_dir, student_dir = tiny_pair
-    rows = run_opdx(opdx_overrides(student_dir=student_dir, teacher_dir=teacher_dir, steps=3, batch=2,
-                                   max_new_tokens=8, dtype="float32", attn="sdpa"), tmp_path / "opdx", nproc=1)
-    assert [r["tokens"] for r in rows] == [16, 16, 16]  # exactly batch * max_new_tokens: no early EOS
-    row = summarize(rows)
-    assert row["steps_measured"] == 2 and row["tokens_per_s"] > 0
-    assert abs(sum(v for k, v in row.items() if k.endswith("_pct")) - 100.0) < 1e-6
-
-
-def test_smoke_trl_tiny(tiny_pair, tmp_path):
-    py = trl_python()
-    if py is None:
-        pytest.skip("no Python with trl (set OPDX_TRL_PYTHON)")
-    teacher_dir, student_dir = tiny_pair
-    res = run_trl(student_dir=student_dir, teacher_dir=teacher_dir, out_json=tmp_path / "trl.json", steps=3,
-                  batch=2, max_new_tokens=8, dtype="float32", attn="sdpa", python=py)
-    assert [r["tokens"] for r in res["steps"]] == [16, 16, 16]
-    row = summarize(res["steps"])
-    assert row["steps_measured"] == 2 and row["rollout_pct"] > 0 and row["teacher_pct"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = compare_with_trl(student_dir, teacher_dir, tmp_path, steps=3, batch=2, max_new_tokens=8,
+                                dtype="float32", attn="sdpa")
+    assert set(GPU_OPDX_KINDS) <= set(rows)
+    for impl, (_, row, steps) in rows.items():
+        assert [r["tokens"] for r in steps] == [16, 16, 16], impl
+        assert row["steps_measured"] == 2 and row["tokens_per_s"] > 0
+        assert row["rollout_pct"] > 0 and row["teacher_pct"] > 0
+        assert abs(sum(v for k, v in row.items() if k.endswith("_pct")) - 100.0) < 1e-6
+        assert ("speedup_vs_trl" in row) == ("trl_gkd" in rows)
+    if trl_python() is None:
+        pytest.skip("opdx side ran; TRL side skipped (no Python with trl: set OPDX_TRL_PYTHON)")

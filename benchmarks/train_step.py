@@ -325,7 +325,7 @@ def _trl_main(a) -> None:
     result = {"steps": steps,
               "config": {"steps": a.steps, "batch": a.batch, "max_new_tokens": a.max_new_tokens, "beta": a.beta,
                          "lmbda": 1.0, "dtype": a.dtype, "attn": a.attn, "bf16_autocast": cfg.bf16,
-                         "optim": str(cfg.optim), "gradient_checkpointing": cfg.gradient_checkpointing},
+                         "optim": str(getattr(cfg.optim, "value", cfg.optim)), "gradient_checkpointing": cfg.gradient_checkpointing},
               "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
                            "torch": torch.__version__},
               "device": torch.cuda.get_device_name() if cuda else "cpu"}
