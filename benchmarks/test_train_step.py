@@ -12,20 +12,22 @@ loss = student forward + loss, backward = backward + optimizer step, sync = roll
 ms and the % of the total time. On GPU every phase boundary is a CUDA synchronize, on both sides.
 
 Environment: OPDX_BENCH_STEPS (steps per run, default 6 on CPU and 8 on GPU), OPDX_BENCH_NOTE (a note stored in
-each row, e.g. that the machine was shared), OPDX_BENCH_MODELS (where the GPU pair is built/reused; default a temp
+each row and as the results file's note, e.g. that the machine was shared; a run without it clears the file's note), OPDX_BENCH_MODELS (where the GPU pair is built/reused; default a temp
 dir), OPDX_TRL_PYTHON (a Python with trl installed; default this one if it imports trl).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 
-from common import record
+from common import RESULTS_DIR, device_name, record
 from train_step import (QUIET, ROOT, SHAPES, build_pair, opdx_overrides, run_opdx, run_trl, summarize,
                         trl_python)
 
@@ -36,6 +38,18 @@ CPU_KINDS = {"opd": ["loss.kind=opd"], "gjsd": ["loss.kind=gjsd", "loss.beta=0.5
 
 def _steps(default: int) -> int:
     return int(os.environ.get("OPDX_BENCH_STEPS", default))
+
+
+def _file_note(device: str) -> None:
+    """The results file's "note" (rendered under the op's table) = OPDX_BENCH_NOTE of the latest run, or none."""
+    path = Path(RESULTS_DIR) / f"{device_name(device)}-train_step.json"
+    data = json.loads(path.read_text())
+    note = os.environ.get("OPDX_BENCH_NOTE", "")
+    if note:
+        data["note"] = f"Latest run ({time.strftime('%Y-%m-%d')}): {note}"
+    else:
+        data.pop("note", None)
+    path.write_text(json.dumps(data, indent=1))
 
 
 def _annotate(row: dict, load_before: float) -> dict:
@@ -66,6 +80,7 @@ def test_train_step_cpu(benchmark, tmp_path, loss):
                                                               "(K 64)" if loss == "topk" else ""),
             "nproc": 2, "batch": 4, "max_new_tokens": 32, "dtype": "float32"}
     record("train_step", "cpu", case, "opdx", row)
+    _file_note("cpu")
 
 
 # ------------------------------------------------------------------------------------------------ GPU vs TRL
@@ -125,6 +140,7 @@ def test_train_step_cuda_vs_trl(benchmark, tmp_path, qwen_pair, max_new_tokens):
     benchmark.pedantic(run, rounds=1, iterations=1)
     for impl, (loss, row, _) in out["rows"].items():
         record("train_step", "cuda", {**case, "loss": loss}, impl, _annotate(row, load))
+    _file_note("cuda")
 
 
 # ------------------------------------------------------------------------------------------------ harness smoke
