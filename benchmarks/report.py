@@ -37,6 +37,11 @@ NOTES = {
                      "time / floor. `logits_mb`: the fp32 [N, V] logits the fused path never forms.",
     "topk_kl": "GEMM over the gathered top-k rows, so no byte count. `grads_mb`: grad_hidden + grad_weight, which "
                "every implementation must return; `peak_extra_mb`: peak memory on top of them.",
+    "train_step": "Whole training runs (benchmarks/test_train_step.py), first step dropped: time = median step; "
+                  "`tokens_per_s` = teacher-scored tokens / time over the kept steps; per phase (rollout, teacher, "
+                  "loss = student forward + loss, backward = backward + optimizer step, sync = rollout weight sync, "
+                  "other) the median ms and the % of the time; `speedup_vs_trl` = TRL GKDTrainer's median step / "
+                  "this one's (same models, batch, rollout length); `loadavg_1m_*`: the machine's load around the run.",
 }
 
 # row keys with a fixed column; every other numeric key (nested dicts flattened as a.b) gets a generic column

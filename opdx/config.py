@@ -53,6 +53,9 @@ class RolloutConfig:
     engine: str = "hf"  # hf (transformers generate on the live student) | vllm (opdx.rollout.vllm, the README's vLLM section)
     mode: str = "colocate"  # vllm: colocate (a vllm.LLM in each training process) | server (external vllm serve)
     max_new_tokens: int = 32
+    # student rollouts never stop before this many tokens (EOS suppressed until then); = max_new_tokens gives every
+    # rollout the same length (throughput benchmarks: benchmarks/test_train_step.py)
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     server_url: str = ""  # vllm server mode: the student's `vllm serve` (started with VLLM_SERVER_DEV_MODE=1)
@@ -334,6 +337,9 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.temperature >= 0, f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}")
     need(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     need(cfg.rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {cfg.rollout.max_new_tokens}")
+    need(0 <= cfg.rollout.min_new_tokens <= cfg.rollout.max_new_tokens,
+         f"rollout.min_new_tokens must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "
+         f"got {cfg.rollout.min_new_tokens}")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
     need(cfg.train.max_steps >= 0, f"train.max_steps must be >= 0, got {cfg.train.max_steps}")
     need(cfg.train.max_tokens >= 0, f"train.max_tokens must be >= 0, got {cfg.train.max_tokens}")

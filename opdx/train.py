@@ -104,6 +104,14 @@ def draw_source_synced(cfg: Config, step: int, micro: int) -> str:
     return broadcast_object(src)
 
 
+def clock(device) -> float:
+    """time.time() once the device's queued work is done: without the sync, on CUDA a phase's kernels would be
+    timed in whichever later phase first waits on them (the per-phase times in metrics.jsonl)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def step_seed(seed: int, step: int, micro: int, rank: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank * 7 + salt * 7_919_000_011) % (2**63 - 1)
 
@@ -811,7 +819,7 @@ def run(cfg: Config) -> dict:
 
     # 3. the loop
     for step in range(start_step + 1, cfg.train.max_steps + 1):
-        t_step = time.time()
+        t_step = clock(device)
         tr = tt = tl = tb = 0.0
         loss_sum = k1_sum = k3_sum = ntok = resp = nseq = mm_sum = mm_n = 0.0
         sources = []
@@ -823,7 +831,7 @@ def run(cfg: Config) -> dict:
             if sources_file:
                 sources_file.write(json.dumps({"step": step, "micro": micro, "source": source}) + "\n")
                 sources_file.flush()
-            t0 = time.time()
+            t0 = clock(device)
             seed = step_seed(cfg.train.seed, step, micro, rank)
             rb = None
             if source == "student":
@@ -837,26 +845,26 @@ def run(cfg: Config) -> dict:
             else:
                 completions = [train_responses[i] for i in idx]
             batch = build_batch(prompts, completions, pad_id).to(device)
-            t1 = time.time()
+            t1 = clock(device)
             signal = teacher.score(batch, cfg.loss.kind, vocab_size=vocab, temperature=cfg.loss.temperature,
                                    topk=cfg.loss.topk)
-            t2 = time.time()
+            t2 = clock(device)
             mismatch = vllm_rollout and rb is not None and rb.sampling_logprobs is not None
             loss, st = distill_step(cfg, engine, batch, signal, vocab, source, fused=fused, raw_logp=mismatch)
             if mismatch:
                 s, c = rollout_mismatch_sums(rb, st["batch"], st["student_logp"])
                 mm_sum, mm_n = mm_sum + s, mm_n + c
-            t3 = time.time()
+            t3 = clock(device)
             engine.backward(loss)
             engine.step()
-            t4 = time.time()
+            t4 = clock(device)
             tr, tt, tl, tb = tr + t1 - t0, tt + t2 - t1, tl + t3 - t2, tb + t4 - t3
             loss_sum += float(loss.detach())
             k1_sum, k3_sum, ntok = k1_sum + st["k1_sum"], k3_sum + st["k3_sum"], ntok + st["n"]
             resp, nseq = resp + sum(batch.completion_lens), nseq + len(prompts)
-        t5 = time.time()
+        t5 = clock(device)
         rollout.sync_weights(engine)  # vLLM engines load the new student weights (HF: nothing to do)
-        ts = time.time() - t5
+        ts = clock(device) - t5
         loss_sum, k1_sum, k3_sum, ntok, resp, nseq, mm_sum, mm_n = all_reduce_sum(
             [loss_sum, k1_sum, k3_sum, ntok, resp, nseq, mm_sum, mm_n])
         teacher_tokens += int(ntok)

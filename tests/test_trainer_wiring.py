@@ -39,6 +39,7 @@ TINY = str(ROOT / "examples" / "configs" / "tiny.yaml")
     (["model.source=path", "model.path=/x"], "teacher.path=<teacher dir> (or teacher.server_url"),
     (["loss.kind=sft"], "loss.kind=sft trains on teacher"),
     (["train.max_tokens=-1"], "train.max_tokens must be >= 0"),
+    (["rollout.min_new_tokens=17"], "rollout.min_new_tokens must be in [0, rollout.max_new_tokens=16]"),
 ])
 def test_config_errors(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -115,6 +116,25 @@ def test_make_rollout_dispatch(models, monkeypatch):
                              "rollout.sync_dir=/tmp/x", "rollout.max_concurrency=3"])
     r = make_rollout(cfg, models["student"], models["tok"], eos_ids=[0], pad_id=0)
     assert isinstance(r, VLLMServerRollout) and r.client.base_url == "http://h:1" and r.client.max_concurrency == 3
+
+
+def test_hf_rollout_min_new_tokens(models):
+    """rollout.min_new_tokens: a stop token cannot end a rollout early. Greedy decoding, and the stop id is the
+    token the model emits first, so without the option every rollout would stop after one token."""
+    from opdx.rollout.hf import HFRollout
+
+    tok, student = models["tok"], models["student"]
+    pad = tok.eos_token_id
+    prompts = [tok("hello world " * (i + 1))["input_ids"] for i in range(3)]
+    greedy = HFRollout(student, eos_ids=[pad], pad_id=pad, max_new_tokens=8).generate(prompts, seed=0,
+                                                                                      temperature=0.0)
+    stops = sorted({c[0] for c in greedy.completions()})
+    free = HFRollout(student, eos_ids=stops, pad_id=pad, max_new_tokens=8).generate(prompts, seed=0, temperature=0.0)
+    forced = HFRollout(student, eos_ids=stops, pad_id=pad, max_new_tokens=8, min_new_tokens=8).generate(
+        prompts, seed=0, temperature=0.0)
+    assert [len(c) for c in free.completions()] == [1] * 3
+    assert [len(c) for c in forced.completions()] == [8] * 3 and forced.finish_reasons == ["length"] * 3
+    assert not any(t in stops for c in forced.completions() for t in c)
 
 
 def test_resolve_fused_linear(models):

@@ -50,7 +50,8 @@ def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = 
         from opdx.rollout.hf import HFRollout
 
         return HFRollout(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=r.max_new_tokens,
-                         temperature=r.temperature, top_p=r.top_p, synced_gpus=synced_gpus, vocab_size=vocab_size)
+                         temperature=r.temperature, top_p=r.top_p, synced_gpus=synced_gpus, vocab_size=vocab_size,
+                         min_new_tokens=r.min_new_tokens)
     if r.engine == "vllm":
         from opdx.rollout.vllm import VLLMColocateRollout, VLLMServerRollout
 
@@ -62,11 +63,12 @@ def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = 
                 temperature=r.temperature, top_p=r.top_p, dtype=cfg.model.dtype,
                 gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
                 sleep=r.sleep, max_model_len=r.max_model_len or None, seed=cfg.train.seed, vocab_size=vocab_size,
-                sync_dir=r.sync_dir)
+                sync_dir=r.sync_dir, min_new_tokens=r.min_new_tokens)
         if r.mode == "server":
             return VLLMServerRollout(r.server_url, eos_ids=eos_ids, pad_id=pad_id, sync_dir=r.sync_dir,
                                      max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                     timeout=r.timeout, max_retries=r.max_retries, max_concurrency=r.max_concurrency)
+                                     timeout=r.timeout, max_retries=r.max_retries, max_concurrency=r.max_concurrency,
+                                     min_new_tokens=r.min_new_tokens)
         raise ValueError(f"unknown rollout.mode {r.mode!r}")
     raise ValueError(f"unknown rollout.engine {r.engine!r}")
 

@@ -20,8 +20,10 @@ def _unwrap(model):
 
 class HFRollout:
     def __init__(self, model, *, eos_ids, pad_id: int, max_new_tokens: int = 64, temperature: float = 1.0,
-                 top_p: float = 1.0, synced_gpus: bool = False, vocab_size: int | None = None):
+                 top_p: float = 1.0, synced_gpus: bool = False, vocab_size: int | None = None,
+                 min_new_tokens: int = 0):
         self.model = _unwrap(model)
+        self.min_new_tokens = int(min_new_tokens)  # EOS suppressed before this many tokens
         self.vocab_size = vocab_size  # ids >= vocab_size (padded embedding rows) are never sampled
         self.eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
         self.pad_id = int(pad_id)
@@ -49,6 +51,8 @@ class HFRollout:
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
                       pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
                       synced_gpus=self.synced_gpus, use_cache=True)
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = min(self.min_new_tokens, max_new_tokens)
         rows = self.model.get_output_embeddings().weight
         rows = int(getattr(rows, "ds_shape", rows.shape)[0])
         if self.vocab_size is not None and rows > self.vocab_size:

@@ -114,8 +114,9 @@ class VLLMColocateRollout:
                  top_p: float = 1.0, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
                  tensor_parallel_size: int = 1, sleep: bool = False, max_model_len: int | None = None,
                  external_launcher: bool | None = None, seed: int = 0, vocab_size: int | None = None,
-                 sync_dir: str = "", **llm_kwargs):
+                 sync_dir: str = "", min_new_tokens: int = 0, **llm_kwargs):
         vllm = _import_vllm()
+        self.min_new_tokens = int(min_new_tokens)  # stop tokens ignored before this many tokens (min_tokens)
         self.eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
         self.pad_id = int(pad_id)
         self.max_new_tokens = max_new_tokens
@@ -180,7 +181,8 @@ class VLLMColocateRollout:
         return [SamplingParams(n=1, max_tokens=max_new_tokens, temperature=float(temperature) if sample else 0.0,
                                top_p=float(self.top_p) if sample else 1.0,
                                seed=int(seed) * 100003 + i, logprobs=0, stop_token_ids=list(self.eos_ids),
-                               ignore_eos=False, skip_special_tokens=False, detokenize=False, **extra)
+                               ignore_eos=False, skip_special_tokens=False, detokenize=False,
+                               min_tokens=min(self.min_new_tokens, max_new_tokens), **extra)
                 for i in range(n_prompts)]
 
     @torch.no_grad()
@@ -238,7 +240,7 @@ def write_weights(engine, path: str) -> str:
 
 
 def generate_via_completions(client, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float,
-                             eos_ids, pad_id: int, what: str = "rollout") -> RolloutBatch:
+                             eos_ids, pad_id: int, what: str = "rollout", min_new_tokens: int = 0) -> RolloutBatch:
     """Token-in/token-out generation through ``/v1/completions`` (one request per prompt, run concurrently)."""
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     sample = temperature > 0
@@ -258,6 +260,8 @@ def generate_via_completions(client, prompts, *, seed: int, max_new_tokens: int,
         payload = {"prompt": list(p), "max_tokens": int(max_new_tokens), "temperature": float(temperature),
                    "top_p": float(top_p) if sample else 1.0, "seed": int(seed) * 100003 + i, "logprobs": 0,
                    "stop_token_ids": eos_ids, "return_token_ids": True, "skip_special_tokens": False}
+        if min_new_tokens:
+            payload["min_tokens"] = min(int(min_new_tokens), int(max_new_tokens))
         return client.complete(f"{what} request for prompt {i} ({len(p)} tokens)", payload,
                                check=lambda a: check(a, len(p)))
 
@@ -273,7 +277,7 @@ class VLLMServerRollout:
 
     def __init__(self, server_url: str, *, eos_ids, pad_id: int, sync_dir: str, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, timeout: float = 300.0, max_retries: int = 3,
-                 max_concurrency: int = 16, model: str | None = None):
+                 max_concurrency: int = 16, model: str | None = None, min_new_tokens: int = 0):
         from opdx.teacher.server import CompletionsClient
 
         if not sync_dir:
@@ -287,10 +291,12 @@ class VLLMServerRollout:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
+        self.min_new_tokens = int(min_new_tokens)
 
     def generate(self, prompts, *, seed: int, max_new_tokens=None, temperature=None) -> RolloutBatch:
         return generate_via_completions(
             self.client, prompts, seed=seed, eos_ids=self.eos_ids, pad_id=self.pad_id, top_p=self.top_p,
+            min_new_tokens=self.min_new_tokens,
             max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             temperature=self.temperature if temperature is None else temperature)
 
