@@ -114,18 +114,20 @@ def causal_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if not packed:
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
     b, width = input_ids.shape
+    keep = width if keep <= 0 or keep > width else int(keep)  # as transformers: 0 = all positions
     p = pack(input_ids, attention_mask)
     want = attention_mask.bool().clone()
     want[:, : width - keep] = False
     if rows is not None:
         want[:, width - keep:] &= rows.to(want.device)
-    # packed position of each wanted (b, t), row-major; flat padded index of each
+    # packed position of each wanted (b, t), row-major, and its flat index in the [B, keep] result
     slot = torch.full((b * width,), -1, dtype=torch.long, device=input_ids.device)
     slot[p.index] = torch.arange(p.num_tokens, device=input_ids.device)
     flat = want.reshape(-1).nonzero().squeeze(1)
+    dest = want[:, width - keep:].reshape(-1).nonzero().squeeze(1)
     logits = model(**forward_kwargs(_config_holder(model), p), logits_to_keep=slot[flat]).logits[0]  # [n, V]
-    out = logits.new_zeros((b * width, logits.shape[-1])).index_copy(0, flat, logits)
-    return out.view(b, width, -1)[:, width - keep:]
+    out = logits.new_zeros((b * keep, logits.shape[-1])).index_copy(0, dest, logits)
+    return out.view(b, keep, -1)
 
 
 def _config_holder(model):

@@ -78,13 +78,16 @@ def _check_forward(model, batch):
     with torch.no_grad():
         h0 = decoder_hidden(model.get_decoder(), batch.input_ids, batch.attention_mask, packed=False)
         h1 = decoder_hidden(model.get_decoder(), batch.input_ids, batch.attention_mask, packed=True)
-        keep = batch.input_ids.shape[1] - 2
-        l0 = causal_lm_logits(model, batch.input_ids, batch.attention_mask, keep, packed=False)
-        l1 = causal_lm_logits(model, batch.input_ids, batch.attention_mask, keep, packed=True)
     assert rel_err(h1[mask], h0[mask]) < 1e-5
-    m = mask[:, -keep:]
-    assert (l1[m] - l0[m]).abs().max() < 1e-5 * max(1.0, float(l0[m].abs().max()))
-    assert not l1[~m].any()  # padding positions: zeros, never read
+    width = batch.input_ids.shape[1]
+    for keep in (width - 2, 0):  # 0 = every position, as in transformers
+        with torch.no_grad():
+            l0 = causal_lm_logits(model, batch.input_ids, batch.attention_mask, keep, packed=False)
+            l1 = causal_lm_logits(model, batch.input_ids, batch.attention_mask, keep, packed=True)
+        assert l0.shape == l1.shape == (batch.input_ids.shape[0], keep or width, model.config.vocab_size)
+        m = mask[:, -(keep or width):]
+        assert (l1[m] - l0[m]).abs().max() < 1e-5 * max(1.0, float(l0[m].abs().max()))
+        assert not l1[~m].any()  # padding positions: zeros, never read
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
