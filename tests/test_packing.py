@@ -210,6 +210,53 @@ def test_student_loss_and_grads_packed_match_padded(llama, overrides, source, fu
     assert rel_err(st1["student_logp"][m1], st0["student_logp"][m0]) < 1e-5  # rollout-mismatch logprobs too
 
 
+def test_lora_gradient_checkpointing_packed_matches_padded(tmp_path, fresh_seed):
+    """A peft-wrapped student with gradient checkpointing (the recomputed forward must see the same packing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    t_dir, s_dir = make_tiny_pair(str(tmp_path / "models"))
+    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
+    student.config.use_cache = False
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.enable_input_require_grads()
+    student = get_peft_model(student, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 task_type="CAUSAL_LM", init_lora_weights=False))
+    student.train()
+    batch = _uneven_batch(fresh_seed)
+    for kind in ("opd", "gjsd"):
+        over = [f"loss.kind={kind}", "loss.topk=8", "model.lora=true"]
+        l0, g0, _ = _step(load_config(TINY, over), student, teacher, batch, "student", False)
+        l1, g1, _ = _step(load_config(TINY, over + ["model.packed=true"]), student, teacher, batch, "student", False)
+        assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-6) and abs(l0) > 1e-4
+        assert set(g0) == set(g1) and g0 and all("lora_" in n for n in g0)
+        for name in g0:
+            assert rel_err(g1[name], g0[name]) < 1e-4, (kind, name)
+
+
+def test_flash_attention_gets_varlen_kwargs(llama):
+    """flash_attention_* backends get cu_seq_lens / max_length explicitly (CPU: only the arguments are checked)."""
+    from opdx.packing import _config_holder, forward_kwargs
+
+    b = _uneven_batch(0)
+    p = pack(b.input_ids, b.attention_mask)
+    model = llama["student"]
+    assert "cu_seq_lens_q" not in forward_kwargs(model, p)  # sdpa: the mask comes from the position ids
+    kw = forward_kwargs(_config_holder(_Engine(model)), p)
+    assert kw["attention_mask"] is None and kw["use_cache"] is False and "cu_seq_lens_q" not in kw
+    old = model.config._attn_implementation
+    try:
+        model.config._attn_implementation = "flash_attention_2"
+        kw = forward_kwargs(_config_holder(_Engine(model)), p)
+    finally:
+        model.config._attn_implementation = old
+    lens = b.attention_mask.sum(1)
+    assert kw["cu_seq_lens_q"].dtype == torch.int32 and kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"]
+    assert kw["cu_seq_lens_q"].tolist() == [0] + lens.cumsum(0).tolist()
+    assert kw["max_length_q"] == kw["max_length_k"] == int(lens.max())
+
+
 def test_config_key():
     assert load_config(TINY, []).model.packed is False
     assert load_config(TINY, ["model.packed=true"]).model.packed is True
