@@ -181,7 +181,7 @@ def check_packed_attention(model, what: str = "model", *, seed: int = 0) -> floa
     cross = float((joined - alone).norm() / scale)
     param = next(decoder.parameters(), None)
     eps = torch.finfo(param.dtype).eps if param is not None and param.dtype.is_floating_point else 1e-7
-    if err > max(0.1 * cross, 8 * eps):
+    if err > max(0.1 * cross, 8 * eps, 1e-4):  # floors: rounding of the packed vs separate forward
         impl = _attn_impl(decoder) or "?"
         raise ConfigError(
             f"model.packed=true: the {what} ({type(base).__name__}, attn_implementation={impl}) attends across "
