@@ -6,4 +6,13 @@
 
 __version__ = "0.1.0"
 
-from opdx import ops  # noqa: F401  (loads the compiled extension and registers autograd/fake kernels)
+
+
+def __getattr__(name):
+    # `opdx.ops` (the compiled extension + its autograd/fake registrations) loads on first use, so light entry points
+    # such as `python -m opdx.report` do not pay for torch and the extension
+    if name == "ops":
+        import importlib
+
+        return importlib.import_module("opdx.ops")
+    raise AttributeError(f"module 'opdx' has no attribute {name!r}")

@@ -71,7 +71,7 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "opd"  # opd | gjsd | topk
+    kind: str = "opd"  # opd | gjsd | topk | sft (cross-entropy only, on teacher/dataset sequences: lmbda=0)
     beta: float = 0.5  # gjsd / topk: 0 = forward KL, 1 = reverse KL
     temperature: float = 1.0
     topk: int = 32
@@ -106,6 +106,7 @@ class TrainConfig:
     micro_batch_size: int = 4  # prompts per rank per micro-step
     grad_accum: int = 1
     resume: bool = False
+    max_tokens: int = 0  # stop once this many teacher-scored tokens were trained on (0 = run max_steps)
 
 
 @dataclass
@@ -133,6 +134,8 @@ class EvalConfig:
     max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
     temperature: float = 1.0
     seed: int = 1234
+    task: bool = True  # greedy task accuracy on the eval records that have an "answer" (opdx.data_eval)
+    at_start: bool = True  # evaluate the initial student at step 0
 
 
 @dataclass
@@ -146,7 +149,7 @@ class SaveConfig:
 class LogConfig:
     progress: bool = True
     tensorboard: bool = True
-    plot: bool = True
+    plot: bool = True  # end of run: opdx.report curves + report.md under output_dir/report/
     per_rank_sources: bool = False  # each rank writes its per-step source draw to sources_rank{r}.jsonl
 
 
@@ -177,7 +180,7 @@ _CHOICES = {
     "rollout.engine": ("hf", "vllm"),
     "rollout.mode": ("colocate", "server"),
     "loss.fused_linear": ("auto", "true", "false"),
-    "loss.kind": ("opd", "gjsd", "topk"),
+    "loss.kind": ("opd", "gjsd", "topk", "sft"),
     "deepspeed.backend": ("auto", "gloo", "nccl"),
 }
 
@@ -336,6 +339,10 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {cfg.rollout.max_new_tokens}")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
     need(cfg.train.max_steps >= 0, f"train.max_steps must be >= 0, got {cfg.train.max_steps}")
+    need(cfg.train.max_tokens >= 0, f"train.max_tokens must be >= 0, got {cfg.train.max_tokens}")
+    need(not (cfg.loss.kind == "sft" and cfg.loss.lmbda > 0),
+         f"loss.kind=sft trains on teacher (loss.seq_kd=true) or dataset sequences, never on student samples: set "
+         f"loss.lmbda=0 (got {cfg.loss.lmbda})")
     need(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {cfg.train.micro_batch_size}")
     need(cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")

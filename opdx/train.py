@@ -406,10 +406,10 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
 
     kind, temp = cfg.loss.kind, cfg.loss.temperature
     mask = batch.loss_mask
-    sft = cfg.loss.sft_alpha > 0 and source != "student"
+    sft = cfg.loss.sft_alpha > 0 and source != "student" and kind != "sft"
     stats = {}
     raw_rows = None  # raw_logp: temperature-1 student logprobs over all lm_head rows at the masked targets
-    if kind in ("opd", "gjsd") and fused:
+    if kind in ("opd", "gjsd", "sft") and fused:
         hidden, head = _student_hidden(engine, batch, packed=cfg.model.packed)
         rows = hidden[:, :-1][mask]
         tgt = batch.targets[mask]
@@ -419,11 +419,12 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
         def logp_rows(h, w, b, t=temp):
             return linear_token_logprobs(h, w, tgt, bias=b, temperature=t) if n else h.new_zeros(0)
 
-        if kind == "opd" or sft:
+        if kind in ("opd", "sft") or sft:
             s_logp = _scatter_rows(mask, logp_rows(rows, weight, bias))
-        if kind == "opd":
-            loss, _ = opd_loss(s_logp, signal.token_logprobs, mask, normalize=cfg.loss.normalize_reward)
+        if kind in ("opd", "sft"):
             t_logp = signal.token_logprobs
+            loss = opd_loss(s_logp, t_logp, mask, normalize=cfg.loss.normalize_reward)[0] if kind == "opd" \
+                else sft_loss(s_logp, mask)
         else:
             if signal.hidden is None:
                 raise ValueError("loss.fused_linear gjsd needs the teacher's hidden states (LocalTeacher with "
@@ -445,7 +446,7 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
             with torch.no_grad():
                 full_b = head.bias.detach() if getattr(head, "bias", None) is not None else None
                 raw_rows = logp_rows(rows.detach(), head.weight.detach(), full_b, 1.0)
-    elif kind in ("opd", "gjsd"):
+    elif kind in ("opd", "gjsd", "sft"):
         # logits only from the first position that predicts a completion token on (prompts are never scored):
         # the lm_head forward/backward over the prompt is skipped
         keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
@@ -453,11 +454,12 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
         logits = out.logits[:, :-1, :vocab]
         batch = batch.tail(keep - 1)
         mask = batch.loss_mask
-        if kind == "opd" or sft:
+        if kind in ("opd", "sft") or sft:
             s_logp = token_logprobs(logits, batch.targets, temperature=temp)
-        if kind == "opd":
+        if kind in ("opd", "sft"):
             t_logp = signal.token_logprobs[:, -batch.targets.shape[1]:]
-            loss, _ = opd_loss(s_logp, t_logp, mask, normalize=cfg.loss.normalize_reward)
+            loss = opd_loss(s_logp, t_logp, mask, normalize=cfg.loss.normalize_reward)[0] if kind == "opd" \
+                else sft_loss(s_logp, mask)
         else:
             rows = logits[mask]
             loss = gjsd_loss(rows, signal.logits, beta=cfg.loss.beta, temperature=temp)
@@ -563,7 +565,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(cfg: Config, engine, step: int, sampler: Sampler) -> None:
+def save_checkpoint(cfg: Config, engine, step: int, sampler: Sampler, teacher_tokens: int = 0) -> None:
     """Atomic: every rank writes into checkpoints/.tmp_step_N, then rank 0 renames it to step_N."""
     root = _ckpt_root(cfg)
     tmp, final = root / f".tmp_step_{step}", root / f"step_{step}"
@@ -575,7 +577,8 @@ def save_checkpoint(cfg: Config, engine, step: int, sampler: Sampler) -> None:
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     barrier()
     if _rank() == 0:
-        state = {"step": step, "sampler": sampler.state_dict(), "world_size": _world()}
+        state = {"step": step, "sampler": sampler.state_dict(), "world_size": _world(),
+                 "teacher_tokens": int(teacher_tokens)}
         with open(tmp / "trainer_state.json", "w") as f:
             json.dump(state, f)
         shutil.rmtree(final, ignore_errors=True)
@@ -587,7 +590,8 @@ def save_checkpoint(cfg: Config, engine, step: int, sampler: Sampler) -> None:
     barrier()
 
 
-def load_checkpoint(cfg: Config, engine, sampler: Sampler, path: Path) -> int:
+def load_checkpoint(cfg: Config, engine, sampler: Sampler, path: Path) -> tuple[int, int]:
+    """-> (step, teacher-scored tokens trained on so far)."""
     with open(path / "trainer_state.json") as f:
         state = json.load(f)
     if state.get("world_size") != _world():
@@ -599,7 +603,7 @@ def load_checkpoint(cfg: Config, engine, sampler: Sampler, path: Path) -> int:
     rng = path / f"rng_rank{_rank()}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return int(state["step"])
+    return int(state["step"]), int(state.get("teacher_tokens", 0))
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -641,36 +645,19 @@ class Logger:
             self.tb.close()
 
 
-def plot_learning_curve(metrics_path: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    train = [r for r in rows if "loss" in r]
-    ev = [r for r in rows if "eval_reverse_kl" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    axes[0].set_title("loss")
-    axes[0].set_xlabel("step")
-    if train:
-        axes[1].plot([r["step"] for r in train], [r["reverse_kl"] for r in train], label="train reverse KL (k1)")
-    if ev:
-        axes[1].plot([r["step"] for r in ev], [r["eval_reverse_kl"] for r in ev], "o-", label="held-out reverse KL")
-    axes[1].set_xlabel("step")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------------------ eval
 @torch.no_grad()
-def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad_id, device) -> dict:
-    """Held-out reverse KL: the student samples on held-out prompts; student and teacher both score the samples;
-    the mean per-token k1 over all ranks' tokens."""
+def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad_id, device, task=(),
+             tokenizer=None) -> dict:
+    """Held-out metrics over all ranks' prompts.
+
+    - ``eval_reverse_kl`` / ``eval_k3``: the student samples (``eval.temperature``) on held-out prompts; student and
+      teacher both score the samples; the mean per-token k1 / k3 estimate of KL(student || teacher).
+    - ``eval_top1_agreement``: on those samples, the fraction of positions where the student's and the teacher's
+      most likely next token agree.
+    - ``eval_task_accuracy`` (when ``task`` holds (prompt ids, answer) pairs, the eval records with an ``answer``):
+      greedy completions scored by opdx.data_eval.score_answer."""
+    from opdx.data_eval import score_answer
     from opdx.losses import reverse_kl_estimates
     from opdx.ops import token_logprobs
 
@@ -679,7 +666,7 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
     per_rank = max(1, n // world)
     mine = [eval_prompts[(rank + world * i) % len(eval_prompts)] for i in range(per_rank)]
     bs = cfg.eval.batch_size
-    k1_sum = k3_sum = count = resp = seqs = 0.0
+    k1_sum = k3_sum = count = resp = seqs = agree = correct = n_task = 0.0
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     was_training = student.training
     student.eval()
@@ -688,24 +675,42 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
         rb = rollout.generate(prompts, seed=step_seed(cfg.eval.seed, 0, b, rank, salt=1), max_new_tokens=max_new,
                               temperature=cfg.eval.temperature)
         batch = build_batch(prompts, rb.completions(), pad_id).to(device)
-        t_logp = teacher.score(batch, "opd", vocab_size=vocab).token_logprobs
+        signal = teacher.score(batch, "topk", vocab_size=vocab, topk=1)  # token logprobs + the teacher's argmax
+        t_logp = signal.token_logprobs
         keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
-        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                         logits_to_keep=keep).logits
+        logits = _student_forward(student, batch, keep, packed=cfg.model.packed).logits[:, :-1, :vocab]
         batch = batch.tail(keep - 1)
         t_logp = t_logp[:, -batch.targets.shape[1]:]
-        s_logp = token_logprobs(logits[:, :-1, :vocab], batch.targets)
+        s_logp = token_logprobs(logits, batch.targets)
         _, k3, k1s, c = reverse_kl_estimates(s_logp, t_logp, batch.loss_mask)
         k1_sum += float(k1s)
         k3_sum += float(k3) * float(c)
         count += float(c)
+        agree += float((logits[batch.loss_mask].argmax(-1) == signal.topk_ids[:, 0]).sum())
         resp += float(sum(batch.completion_lens))
         seqs += len(prompts)
+    # every rank runs the same number of generate calls (ZeRO-3 gathers stay matched); padding rows are not scored
+    task = list(task)
+    per_rank = -(-len(task) // world)
+    mine_task = [(task[i], True) if i < len(task) else (task[0], False)
+                 for i in (rank + world * j for j in range(per_rank))]
+    for b, s in enumerate(range(0, len(mine_task), bs)):
+        chunk = mine_task[s:s + bs]
+        rb = rollout.generate([p for (p, _), _ in chunk], seed=step_seed(cfg.eval.seed, 0, b, rank, salt=2),
+                              max_new_tokens=max_new, temperature=0.0)
+        for ((_, answer), real), ids in zip(chunk, rb.completions()):
+            if real:
+                correct += float(score_answer(tokenizer.decode(ids, skip_special_tokens=True), answer))
+                n_task += 1
     if was_training:
         student.train()
-    k1_sum, k3_sum, count, resp, seqs = all_reduce_sum([k1_sum, k3_sum, count, resp, seqs])
-    return {"eval_reverse_kl": k1_sum / max(count, 1), "eval_k3": k3_sum / max(count, 1),
-            "eval_response_len": resp / max(seqs, 1)}
+    k1_sum, k3_sum, count, resp, seqs, agree, correct, n_task = all_reduce_sum(
+        [k1_sum, k3_sum, count, resp, seqs, agree, correct, n_task])
+    out = {"eval_reverse_kl": k1_sum / max(count, 1), "eval_k3": k3_sum / max(count, 1),
+           "eval_top1_agreement": agree / max(count, 1), "eval_response_len": resp / max(seqs, 1)}
+    if n_task:
+        out["eval_task_accuracy"] = correct / n_task
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ main loop
@@ -744,7 +749,10 @@ def run(cfg: Config) -> dict:
                    max_response_len=d.max_response_len, eos_id=eos_ids[0])
         train_prompts, train_responses = encode_examples(tok, train_examples, what="data.train", **enc)
         eval_prompts, _ = encode_examples(tok, eval_examples, what="data.eval", **enc)
-        return teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts
+        # checkable held-out prompts (records with an "answer"): greedy task accuracy at every eval
+        task = [(p, str(ex.meta["answer"])) for p, ex in zip(eval_prompts, eval_examples)
+                if cfg.eval.task and ex.meta and ex.meta.get("answer") not in (None, "")]
+        return teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts, task
 
     # local model dirs are validated (paths, tokenizers, prompt lengths) before any process group or weights
     prepared = prepare() if cfg.model.source == "path" else None
@@ -753,7 +761,7 @@ def run(cfg: Config) -> dict:
     deepspeed.init_distributed(dist_backend=backend)
     if prepared is None:  # demo/tiny pairs are built by rank 0 while the others wait
         prepared = prepare()
-    teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts = prepared
+    teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts, task = prepared
 
     # 2. engines
     ds_cfg = deepspeed_config(cfg)
@@ -791,11 +799,11 @@ def run(cfg: Config) -> dict:
 
     sampler = Sampler(len(train_prompts), cfg.train.micro_batch_size, world_size=world, rank=rank,
                       seed=cfg.train.seed)
-    start_step = 0
+    start_step = teacher_tokens = 0
     if cfg.train.resume:
         ck = newest_checkpoint(cfg)
         if ck is not None:
-            start_step = load_checkpoint(cfg, engine, sampler, ck)
+            start_step, teacher_tokens = load_checkpoint(cfg, engine, sampler, ck)
             if vllm_rollout:
                 rollout.sync_weights(engine)  # vLLM loaded the initial student; give it the checkpoint's weights
             if rank == 0:
@@ -808,13 +816,14 @@ def run(cfg: Config) -> dict:
         if cfg.log.per_rank_sources else None
 
     def do_eval(step):
-        rec = {"step": step, **evaluate(cfg, rollout, teacher, engine.module, eval_prompts, vocab=vocab,
-                                        pad_id=pad_id, device=device)}
+        rec = {"step": step, "teacher_tokens": teacher_tokens,
+               **evaluate(cfg, rollout, teacher, engine.module, eval_prompts, vocab=vocab, pad_id=pad_id,
+                          device=device, task=task, tokenizer=tok)}
         logger.log(rec)
         return rec
 
     evals = []
-    if start_step == 0:
+    if start_step == 0 and cfg.eval.at_start:
         evals.append(do_eval(0))
     bar = None
     if rank == 0 and cfg.log.progress:
@@ -827,7 +836,7 @@ def run(cfg: Config) -> dict:
     # 3. the loop
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t_step = time.time()
-        tr = tt = tl = 0.0
+        tr = tt = tl = tb = 0.0
         loss_sum = k1_sum = k3_sum = ntok = resp = nseq = mm_sum = mm_n = 0.0
         sources = []
         for micro in range(cfg.train.grad_accum):
@@ -861,16 +870,20 @@ def run(cfg: Config) -> dict:
             if mismatch:
                 s, c = rollout_mismatch_sums(rb, st["batch"], st["student_logp"])
                 mm_sum, mm_n = mm_sum + s, mm_n + c
+            t3 = time.time()
             engine.backward(loss)
             engine.step()
-            t3 = time.time()
-            tr, tt, tl = tr + t1 - t0, tt + t2 - t1, tl + t3 - t2
+            t4 = time.time()
+            tr, tt, tl, tb = tr + t1 - t0, tt + t2 - t1, tl + t3 - t2, tb + t4 - t3
             loss_sum += float(loss.detach())
             k1_sum, k3_sum, ntok = k1_sum + st["k1_sum"], k3_sum + st["k3_sum"], ntok + st["n"]
             resp, nseq = resp + sum(batch.completion_lens), nseq + len(prompts)
+        t5 = time.time()
         rollout.sync_weights(engine)  # vLLM engines load the new student weights (HF: nothing to do)
+        ts = time.time() - t5
         loss_sum, k1_sum, k3_sum, ntok, resp, nseq, mm_sum, mm_n = all_reduce_sum(
             [loss_sum, k1_sum, k3_sum, ntok, resp, nseq, mm_sum, mm_n])
+        teacher_tokens += int(ntok)
         dt = time.time() - t_step
         last = {
             "step": step,
@@ -879,10 +892,15 @@ def run(cfg: Config) -> dict:
             "reverse_kl_k3": k3_sum / max(ntok, 1),
             "lr": engine.get_lr()[0],
             "tokens": int(ntok),
+            "teacher_tokens": teacher_tokens,
             "tokens_per_s": ntok / max(dt, 1e-9),
+            "time_step_s": dt,
             "time_rollout_s": tr,
             "time_teacher_s": tt,
-            "time_train_s": tl,
+            "time_loss_s": tl,
+            "time_backward_s": tb,
+            "time_train_s": tl + tb,
+            "time_sync_s": ts,
             "response_len": resp / max(nseq, 1),
             "source": sources[0] if len(set(sources)) == 1 else ",".join(sources),
         }
@@ -893,16 +911,22 @@ def run(cfg: Config) -> dict:
             bar.set_postfix(loss=f"{last['loss']:.4f}", rkl=f"{last['reverse_kl']:.4f}",
                             tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
+        budget_spent = bool(cfg.train.max_tokens) and teacher_tokens >= cfg.train.max_tokens
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps or budget_spent:
             evals.append(do_eval(step))
         if cfg.save.every and step % cfg.save.every == 0:
-            save_checkpoint(cfg, engine, step, sampler)
+            save_checkpoint(cfg, engine, step, sampler, teacher_tokens)
         hang = os.environ.get("OPDX_TEST_HANG_AFTER_STEP")  # tests: wait here to be SIGKILLed
         if hang and step == int(hang):
             parent = os.getppid()
             while os.getppid() == parent:  # never outlive the launcher
                 time.sleep(0.5)
             os._exit(1)
+        if budget_spent:  # train.max_tokens: the same number of teacher-scored tokens for every run of a study
+            if rank == 0:
+                print(f"opdx.train: train.max_tokens={cfg.train.max_tokens} reached at step {step} "
+                      f"({teacher_tokens} teacher-scored tokens)", flush=True)
+            break
     if bar is not None:
         bar.close()
     if sources_file:
@@ -917,7 +941,7 @@ def run(cfg: Config) -> dict:
     if rank == 0:
         all_rows = [json.loads(ln) for ln in logger.path.read_text().splitlines() if ln.strip()]
         ev = [r for r in all_rows if "eval_reverse_kl" in r]
-        summary = {"steps": cfg.train.max_steps, "wall_s": round(time.time() - t_start, 1),
+        summary = {"steps": last.get("step", start_step), "teacher_tokens": teacher_tokens, "wall_s": round(time.time() - t_start, 1),
                    "setup_s": round(setup_s, 1)}
         if ev:
             first, lastev = ev[0]["eval_reverse_kl"], ev[-1]["eval_reverse_kl"]
@@ -927,8 +951,9 @@ def run(cfg: Config) -> dict:
             summary.update(final_loss=last["loss"], final_reverse_kl=last["reverse_kl"])
         if cfg.log.plot:
             try:
-                plot_learning_curve(logger.path, out_dir / "learning_curve.png")
-                summary["plot"] = str(out_dir / "learning_curve.png")
+                from opdx.report import write_report
+
+                summary["plot"] = str(write_report(out_dir, summary=summary)["plot"])
             except Exception as exc:  # plotting must never fail a finished run
                 summary["plot_error"] = str(exc)
         if cfg.save.final:

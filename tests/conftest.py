@@ -20,6 +20,8 @@ def fresh_seed(request):
 
 
 def has_cuda() -> bool:
+    import opdx.ops  # noqa: F401  (registers the torch.ops.opdx operators)
+
     return torch.cuda.is_available() and hasattr(torch.ops.opdx, "token_logprobs_fwd") and torch.ops.opdx.token_logprobs_fwd.default.has_kernel_for_dispatch_key("CUDA")
 
 

@@ -41,7 +41,10 @@ def llama(tmp_path_factory):
     t_dir, s_dir = make_tiny_pair(str(tmp_path_factory.mktemp("packing") / "models"))
     load = lambda d, attn="sdpa": AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,  # noqa: E731
                                                                        attn_implementation=attn)
-    return {"student": load(s_dir), "teacher": load(t_dir), "student_eager": load(s_dir, "eager")}
+    from opdx.models import load_tokenizer
+
+    return {"student": load(s_dir), "teacher": load(t_dir), "student_eager": load(s_dir, "eager"),
+            "tok": load_tokenizer(s_dir)}
 
 
 def _qwen2(attn, **extra):
@@ -192,6 +195,8 @@ def _step(cfg, student, teacher_model, batch, source, fused):
     (["loss.kind=gjsd", "loss.beta=0.0"], "student", True),
     (["loss.kind=topk", "loss.topk=8", "loss.beta=0.5"], "student", False),
     (["loss.kind=topk", "loss.topk=8", "loss.tail=true", "loss.sft_alpha=0.2"], "dataset", False),
+    (["loss.kind=sft", "loss.lmbda=0"], "dataset", False),
+    (["loss.kind=sft", "loss.lmbda=0", "loss.temperature=1.5"], "teacher", True),
 ])
 def test_student_loss_and_grads_packed_match_padded(llama, overrides, source, fused, fresh_seed):
     student, teacher = llama["student"], llama["teacher"]
@@ -255,6 +260,26 @@ def test_flash_attention_gets_varlen_kwargs(llama):
     assert kw["cu_seq_lens_q"].dtype == torch.int32 and kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"]
     assert kw["cu_seq_lens_q"].tolist() == [0] + lens.cumsum(0).tolist()
     assert kw["max_length_q"] == kw["max_length_k"] == int(lens.max())
+
+
+def test_eval_packed_matches_padded(llama):
+    """The held-out eval (seeded student samples; teacher and student score them) gives the same metrics packed."""
+    from opdx.rollout.hf import HFRollout
+    from opdx.teacher.local import LocalTeacher
+    from opdx.train import evaluate
+
+    tok, student = llama["tok"], llama["student"]
+    prompts = [tok("hello world " * (1 + 3 * i))["input_ids"] for i in range(4)]
+    res = {}
+    for packed in (False, True):
+        cfg = load_config(TINY, ["eval.num_prompts=4", "eval.batch_size=4", f"model.packed={packed}"])
+        rollout = HFRollout(student, eos_ids=[tok.eos_token_id], pad_id=tok.eos_token_id, max_new_tokens=12,
+                            vocab_size=VOCAB)
+        res[packed] = evaluate(cfg, rollout, LocalTeacher(llama["teacher"], packed=packed), student, prompts,
+                               vocab=VOCAB, pad_id=tok.eos_token_id, device=torch.device("cpu"))
+    assert res[False]["eval_reverse_kl"] > 0.01
+    for k, v in res[False].items():
+        assert res[True][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
 def test_config_key():

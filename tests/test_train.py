@@ -74,7 +74,9 @@ def check_run(out, steps):
             assert k in r, k
         assert all(isinstance(r[k], (int, float)) and r[k] == r[k] for k in r if k != "source")
     assert ev and ev[0]["step"] == 0 and ev[-1]["step"] == steps
-    assert (Path(out) / "learning_curve.png").is_file()
+    report = Path(out) / "report"  # the end-of-run opdx.report
+    assert (report / "learning_curve.png").is_file() and (report / "report.md").is_file()
+    assert json.loads((Path(out) / "summary.json").read_text())["plot"] == str(report / "learning_curve.png")
     assert list((Path(out) / "tb").glob("events.*"))
     from transformers import AutoModelForCausalLM
 

@@ -37,6 +37,8 @@ TINY = str(ROOT / "examples" / "configs" / "tiny.yaml")
     (["loss.fused_linear=maybe"], "loss.fused_linear must be one of 'auto', 'true', 'false'"),
     (["loss.fused_linear=true", "deepspeed.zero_stage=3"], "loss.fused_linear=true needs the student's lm_head"),
     (["model.source=path", "model.path=/x"], "teacher.path=<teacher dir> (or teacher.server_url"),
+    (["loss.kind=sft"], "loss.kind=sft trains on teacher"),
+    (["train.max_tokens=-1"], "train.max_tokens must be >= 0"),
 ])
 def test_config_errors(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -173,6 +175,7 @@ def _run(cfg, student, teacher_model, batch, vocab, source, fused):
     (["loss.kind=gjsd", "loss.beta=0.5"], "student"),
     (["loss.kind=gjsd", "loss.beta=0.0", "loss.temperature=0.8"], "student"),
     (["loss.kind=gjsd", "loss.beta=1.0", "loss.sft_alpha=0.5"], "teacher"),
+    (["loss.kind=sft", "loss.lmbda=0", "loss.seq_kd=true"], "teacher"),
 ])
 def test_fused_linear_matches_logits_path(models, overrides, source, fresh_seed):
     from opdx.train import aligned_vocab_size
@@ -203,3 +206,51 @@ def test_fused_teacher_token_logprobs_match(models, fresh_seed):
     b = LocalTeacher(models["teacher"], fused_linear=True).score(batch, "opd", vocab_size=vocab,
                                                                   temperature=1.3).token_logprobs
     assert rel_err(b, a) < 1e-5 and a[batch.loss_mask].abs().min() > 0
+
+
+def test_sft_kind_is_cross_entropy_of_the_targets(models, fresh_seed):
+    from opdx.train import aligned_vocab_size
+
+    cfg = load_config(TINY, ["loss.kind=sft", "loss.lmbda=0", "loss.sft_alpha=0.7"])  # sft_alpha is not added twice
+    student, teacher = models["student"], models["teacher"]
+    vocab = aligned_vocab_size(models["tok"], student, teacher)
+    batch = _batch(vocab, fresh_seed)
+    loss, _, st, _ = _run(cfg, student, teacher, batch, vocab, "teacher", fused=False)
+    with torch.no_grad():
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1, :vocab]
+        logp = torch.log_softmax(logits.double(), -1).gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0]
+    assert loss == pytest.approx(float(-logp[batch.loss_mask].mean()), rel=1e-5)
+    assert st["n"] == int(batch.loss_mask.sum())
+
+
+def test_evaluate_top1_agreement_and_task_accuracy(models):
+    from opdx.rollout.hf import HFRollout
+    from opdx.teacher.local import LocalTeacher
+    from opdx.train import aligned_vocab_size, evaluate
+
+    tok, student = models["tok"], models["student"]
+    vocab = aligned_vocab_size(tok, student, models["teacher"])
+    cfg = load_config(TINY, ["eval.num_prompts=4", "eval.batch_size=3", "rollout.max_new_tokens=6"])
+    rollout = HFRollout(student, eos_ids=[tok.eos_token_id], pad_id=tok.eos_token_id, max_new_tokens=6,
+                        vocab_size=vocab)
+    prompts = [tok("hello world " * (i + 1))["input_ids"] for i in range(5)]
+
+    class IdsText:  # random tiny models emit whitespace tokens: score the ids themselves
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    greedy = rollout.generate(prompts[:2], seed=0, temperature=0.0).completions()
+    answers = [IdsText.decode(ids) for ids in greedy]
+    assert all(answers)
+    task = [(prompts[0], answers[0]), (prompts[1], answers[1]), (prompts[2], "definitely not generated 123")]
+    # the student scored by itself: agreement 1, reverse KL 0; 2 of the 3 checkable prompts answered
+    out = evaluate(cfg, rollout, LocalTeacher(student), student, prompts, vocab=vocab, pad_id=tok.eos_token_id,
+                   device=torch.device("cpu"), task=task, tokenizer=IdsText)
+    assert out["eval_top1_agreement"] == 1.0
+    assert abs(out["eval_reverse_kl"]) < 1e-5
+    assert out["eval_task_accuracy"] == pytest.approx(2 / 3)
+    other = evaluate(cfg, rollout, LocalTeacher(models["teacher"]), student, prompts, vocab=vocab,
+                     pad_id=tok.eos_token_id, device=torch.device("cpu"))
+    assert 0.0 <= other["eval_top1_agreement"] < 1.0 and other["eval_reverse_kl"] > 0.01
+    assert "eval_task_accuracy" not in other
