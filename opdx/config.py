@@ -25,6 +25,9 @@ class ModelConfig:
     path: str = ""  # student directory when source=path
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # padding-free scoring forwards (student and local teacher): the valid tokens of a batch as one [1, sum(len)]
+    # sequence with restarting position_ids (opdx.packing); generation stays padded
+    packed: bool = False
     gradient_checkpointing: bool = False
     student_layers: int = 10  # demo: layers kept in the pruned student
     cache_dir: str = ""  # demo/tiny model cache ("" = ~/.cache/opdx or output_dir/models for tiny)

@@ -271,7 +271,7 @@ def wrap_local_teacher(cfg: Config, model, *, fused_linear: bool = False):
     dtype = DTYPES[cfg.teacher.dtype or cfg.model.dtype]
     ds = {"bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
     teacher = LocalTeacher(model, use_deepspeed=cfg.teacher.deepspeed, logits_chunk=cfg.teacher.logits_chunk,
-                           ds_config=ds, fused_linear=fused_linear)
+                           ds_config=ds, fused_linear=fused_linear, packed=cfg.model.packed)
     if teacher.zero3:
         teacher.logits_chunk = 1 << 62  # one lm_head call per batch keeps ZeRO-3 gathers matched across ranks
     return teacher
@@ -359,12 +359,32 @@ def resolve_fused_linear(cfg: Config, vocab: int, student) -> bool:
     return blocker is None and vocab >= FUSED_AUTO_MIN_VOCAB
 
 
-def _student_hidden(engine, batch):
-    """Final hidden states of the student's decoder (after its last norm) [B, L, d] and its lm_head."""
+def _student_hidden(engine, batch, packed: bool = False):
+    """Final hidden states of the student's decoder (after its last norm) [B, L, d] and its lm_head.
+    ``packed``: one padding-free forward (opdx.packing), unpacked to [B, L, d] (zeros at padding)."""
+    from opdx.packing import decoder_hidden
+
     base = _base(engine.module)
-    out = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = decoder_hidden(base.get_decoder(), batch.input_ids, batch.attention_mask, packed=packed)
     return hidden, base.get_output_embeddings()
+
+
+def _student_forward(engine, batch, keep: int, packed: bool = False):
+    """The student's output with ``.logits`` [B, keep, V] for the last ``keep`` positions (``logits_to_keep``).
+    ``packed``: one padding-free forward (opdx.packing) with the lm_head only where a target is trained (the logits
+    of the other positions are 0; no loss reads them)."""
+    if not packed:
+        return engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                      logits_to_keep=keep)
+    from types import SimpleNamespace
+
+    from opdx.packing import causal_lm_logits
+
+    width = batch.input_ids.shape[1]
+    rows = torch.zeros(batch.input_ids.shape[0], keep, dtype=torch.bool, device=batch.input_ids.device)
+    rows[:, :-1] = batch.loss_mask[:, width - keep:]  # logits[:, j] predicts targets[:, width - keep + j]
+    return SimpleNamespace(logits=causal_lm_logits(engine, batch.input_ids, batch.attention_mask, keep, packed=True,
+                                                   rows=rows))
 
 
 def _head_rows(head, vocab: int):
@@ -398,7 +418,7 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
     stats = {}
     raw_rows = None  # raw_logp: temperature-1 student logprobs over all lm_head rows at the masked targets
     if kind in ("opd", "gjsd", "sft") and fused:
-        hidden, head = _student_hidden(engine, batch)
+        hidden, head = _student_hidden(engine, batch, packed=cfg.model.packed)
         rows = hidden[:, :-1][mask]
         tgt = batch.targets[mask]
         weight, bias = _head_rows(head, vocab)
@@ -438,8 +458,7 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
         # logits only from the first position that predicts a completion token on (prompts are never scored):
         # the lm_head forward/backward over the prompt is skipped
         keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
-        out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                     logits_to_keep=keep)
+        out = _student_forward(engine, batch, keep, packed=cfg.model.packed)
         logits = out.logits[:, :-1, :vocab]
         batch = batch.tail(keep - 1)
         mask = batch.loss_mask
@@ -461,10 +480,8 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
             with torch.no_grad():
                 raw_rows = token_logprobs(out.logits[:, :-1].detach()[mask], batch.targets[mask])
     else:  # topk: hidden states + lm_head weight, never [N, V] with grad
-        base = _base(engine.module)
-        out = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        hidden = out.last_hidden_state[:, :-1][mask]
-        head = base.get_output_embeddings()
+        hidden, head = _student_hidden(engine, batch, packed=cfg.model.packed)
+        hidden = hidden[:, :-1][mask]
         weight = head.weight[:vocab]
         bias = head.bias[:vocab] if getattr(head, "bias", None) is not None else None
         loss = topk_loss(hidden, weight, signal.topk_ids, signal.topk_logprobs, bias=bias, beta=cfg.loss.beta,
@@ -669,8 +686,7 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
         signal = teacher.score(batch, "topk", vocab_size=vocab, topk=1)  # token logprobs + the teacher's argmax
         t_logp = signal.token_logprobs
         keep = batch.input_ids.shape[1] - min(batch.prompt_lens) + 1
-        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                         logits_to_keep=keep).logits[:, :-1, :vocab]
+        logits = _student_forward(student, batch, keep, packed=cfg.model.packed).logits[:, :-1, :vocab]
         batch = batch.tail(keep - 1)
         t_logp = t_logp[:, -batch.targets.shape[1]:]
         s_logp = token_logprobs(logits, batch.targets)
@@ -771,6 +787,14 @@ def run(cfg: Config) -> dict:
                                            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     if teacher is None:
         teacher = wrap_local_teacher(cfg, teacher_model, fused_linear=fused)
+    if cfg.model.packed:  # a backend that attends across packed sequences is an error before any training
+        from opdx.packing import check_packed_attention
+
+        err = check_packed_attention(engine.module, "student")
+        if rank == 0:
+            print(f"opdx.train: model.packed=true: padding-free scoring forwards (student"
+                  f"{' and teacher' if cfg.teacher.server_url == '' else ''}; packing probe error {err:.1e})",
+                  flush=True)
     if rank == 0 and fused:
         print(f"opdx.train: loss.fused_linear={cfg.loss.fused_linear}: fused lm_head + {cfg.loss.kind} loss "
               f"(vocab {vocab})", flush=True)

@@ -15,7 +15,7 @@ def _decoder_and_head(model):
 
 class LocalTeacher:
     def __init__(self, model, *, use_deepspeed: bool = False, logits_chunk: int = 2048, ds_config: dict | None = None,
-                 fused_linear: bool = False):
+                 fused_linear: bool = False, packed: bool = False):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -34,15 +34,23 @@ class LocalTeacher:
         self.logits_chunk = max(1, int(logits_chunk))
         # opd/sft: token logprobs by opdx.ops.linear_token_logprobs; gjsd: hidden states + lm_head instead of logits
         self.fused_linear = bool(fused_linear)
+        # padding-free scoring forward (opdx.packing); probed once: a model that attends across packed sequence
+        # boundaries is a ConfigError (a collective under ZeRO-3, like every teacher forward)
+        self.packed = bool(packed)
+        if self.packed:
+            from opdx.packing import check_packed_attention
+
+            check_packed_attention(self.model, "teacher")
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
     def _hidden(self, batch: Batch) -> torch.Tensor:
+        from opdx.packing import decoder_hidden
+
         decoder, _ = _decoder_and_head(self.model)
-        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return decoder_hidden(decoder, batch.input_ids, batch.attention_mask, packed=self.packed)
 
     def _head_weight(self):
         _, head = _decoder_and_head(self.model)
