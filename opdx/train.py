@@ -399,6 +399,15 @@ def _scatter_rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out.masked_scatter(mask, rows.float()) if rows.numel() else out
 
 
+def _token_loss(cfg: Config, s_logp, t_logp, mask):
+    """The per-token losses (student logprobs of the targets in, scalar out): opd REINFORCE or sft cross-entropy."""
+    from opdx.losses import opd_loss, sft_loss
+
+    if cfg.loss.kind == "opd":
+        return opd_loss(s_logp, t_logp, mask, normalize=cfg.loss.normalize_reward)[0]
+    return sft_loss(s_logp, mask)
+
+
 def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *, fused: bool = False,
                  raw_logp: bool = False):
     """Student forward + the configured loss on one batch. Returns (loss tensor, stats) with stats = k1/k3 sums,
@@ -409,7 +418,7 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
     ``raw_logp``: also return ``stats["student_logp"]`` [B, T], the detached student logprobs of the targets at
     temperature 1 over all lm_head rows: what vLLM reports as sampling logprobs (its default raw_logprobs mode, taken
     before the allowed-token mask that hides padded vocabulary rows), for the rollout logprob mismatch."""
-    from opdx.losses import gjsd_loss, opd_loss, reverse_kl_estimates, sft_loss, topk_loss
+    from opdx.losses import gjsd_loss, reverse_kl_estimates, sft_loss, topk_loss
     from opdx.ops import linear_generalized_jsd, linear_token_logprobs, token_logprobs
 
     kind, temp = cfg.loss.kind, cfg.loss.temperature
@@ -431,8 +440,7 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
             s_logp = _scatter_rows(mask, logp_rows(rows, weight, bias))
         if kind in ("opd", "sft"):
             t_logp = signal.token_logprobs
-            loss = opd_loss(s_logp, t_logp, mask, normalize=cfg.loss.normalize_reward)[0] if kind == "opd" \
-                else sft_loss(s_logp, mask)
+            loss = _token_loss(cfg, s_logp, t_logp, mask)
         else:
             if signal.hidden is None:
                 raise ValueError("loss.fused_linear gjsd needs the teacher's hidden states (LocalTeacher with "
@@ -466,8 +474,7 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
             s_logp = token_logprobs(logits, batch.targets, temperature=temp)
         if kind in ("opd", "sft"):
             t_logp = signal.token_logprobs[:, -batch.targets.shape[1]:]
-            loss = opd_loss(s_logp, t_logp, mask, normalize=cfg.loss.normalize_reward)[0] if kind == "opd" \
-                else sft_loss(s_logp, mask)
+            loss = _token_loss(cfg, s_logp, t_logp, mask)
         else:
             rows = logits[mask]
             loss = gjsd_loss(rows, signal.logits, beta=cfg.loss.beta, temperature=temp)
