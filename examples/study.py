@@ -121,12 +121,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def final_table(rows: list[dict], refs: dict, arms: list[str]) -> str:
-    lines = ["| run | data | seeds | teacher-scored tokens | " + " | ".join(t for _, t in METRICS) + " |",
-             "|---|---|---|---|" + "---|" * len(METRICS)]
+    cols = METRICS + [("eval_response_len", "sample length (tokens)")]
+    lines = ["| run | data | seeds | teacher-scored tokens | " + " | ".join(t for _, t in cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
     for name, label in (("initial", "initial student"), ("teacher", "teacher (reference)")):
         r = refs.get(name)
         if r:
-            lines.append(f"| {label} | – | – | 0 | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k, _ in METRICS)
+            lines.append(f"| {label} | – | – | 0 | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k, _ in cols)
                          + " |")
     for arm in arms:
         by_seed = {}
@@ -137,7 +138,7 @@ def final_table(rows: list[dict], refs: dict, arms: list[str]) -> str:
             continue
         finals = list(by_seed.values())
         cells = []
-        for k, _ in METRICS:
+        for k, _ in cols:
             m, s = mean_std([f[k] for f in finals])
             cells.append(f"{m:.3f} ± {s:.3f}")
         tok_m, _ = mean_std([f["teacher_tokens"] for f in finals])
