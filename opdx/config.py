@@ -31,7 +31,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     student_layers: int = 10  # demo: layers kept in the pruned student
     cache_dir: str = ""  # demo/tiny model cache ("" = ~/.cache/opdx or output_dir/models for tiny)
-    lora: bool = False
+    lora: bool = False  # peft LoRA; save.final writes the adapter (final/adapter) and the merged model (final/)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -74,7 +74,9 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "opd"  # opd | gjsd | topk | sft (cross-entropy only, on teacher/dataset sequences: lmbda=0)
+    # opd | gjsd | topk | sft (cross-entropy only, on teacher/dataset sequences: lmbda=0). topk: any ZeRO stage (the
+    # loss runs inside the lm_head's module call), LoRA unless lm_head is among model.lora_target_modules
+    kind: str = "opd"
     beta: float = 0.5  # gjsd / topk: 0 = forward KL, 1 = reverse KL
     temperature: float = 1.0
     topk: int = 32
@@ -127,6 +129,9 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: int = 0
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    # ZeRO-3: parameters with at most this many elements are not partitioned (DeepSpeed's
+    # stage3_param_persistence_threshold); -1 = DeepSpeed's default (1e5), 0 = partition every parameter
+    param_persistence_threshold: int = -1
 
 
 @dataclass
@@ -327,6 +332,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def lora_targets_lm_head(targets) -> bool:
+    """Whether peft's module-name matching of ``target_modules`` (a name matches a module whose dotted path ends
+    with it) picks the output layer ``lm_head``."""
+    return any(str(t).rsplit(".", 1)[-1] == "lm_head" for t in (targets or ()))
+
+
 def validate(cfg: Config) -> None:
     def need(cond: bool, msg: str):
         if not cond:
@@ -344,6 +355,9 @@ def validate(cfg: Config) -> None:
          f"rollout.min_new_tokens must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "
          f"got {cfg.rollout.min_new_tokens}")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
+    need(cfg.deepspeed.param_persistence_threshold >= -1,
+         f"deepspeed.param_persistence_threshold must be >= 0 (or -1: DeepSpeed's default), got "
+         f"{cfg.deepspeed.param_persistence_threshold}")
     need(cfg.train.max_steps >= 0, f"train.max_steps must be >= 0, got {cfg.train.max_steps}")
     need(cfg.train.max_tokens >= 0, f"train.max_tokens must be >= 0, got {cfg.train.max_tokens}")
     need(not (cfg.loss.kind == "sft" and cfg.loss.lmbda > 0),
@@ -358,10 +372,10 @@ def validate(cfg: Config) -> None:
     need(cfg.model.source != "path" or bool(cfg.model.path), "model.source=path needs model.path=<student dir>")
     need(cfg.model.source != "path" or bool(cfg.teacher.path) or bool(cfg.teacher.server_url),
          "model.source=path needs teacher.path=<teacher dir> (or teacher.server_url=<vllm serve url>)")
-    need(not (cfg.loss.kind == "topk" and cfg.deepspeed.zero_stage == 3),
-         "loss.kind=topk needs the student's lm_head weight unsharded: use deepspeed.zero_stage <= 2")
-    need(not (cfg.loss.kind == "topk" and cfg.model.lora),
-         "loss.kind=topk with model.lora is not supported yet; use loss.kind=opd or gjsd with LoRA")
+    need(not (cfg.loss.kind == "topk" and cfg.model.lora and lora_targets_lm_head(cfg.model.lora_target_modules)),
+         "loss.kind=topk computes the student's logits from the lm_head weight itself, which a LoRA adapter on "
+         "lm_head would bypass: drop lm_head from model.lora_target_modules (the adapters elsewhere are trained "
+         "through the hidden states), or use loss.kind=opd or gjsd")
     need(not (cfg.loss.fused_linear == "true" and cfg.deepspeed.zero_stage == 3),
          "loss.fused_linear=true needs the student's lm_head weight unsharded: use deepspeed.zero_stage <= 2 or "
          "loss.fused_linear=auto (falls back to full logits under ZeRO-3)")

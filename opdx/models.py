@@ -39,6 +39,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -509,6 +510,80 @@ def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype | str, attn_im
         model.to(device)
     model.eval()
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# full weights of a (ZeRO-3 partitioned, LoRA-wrapped) student
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def iter_merged_weights(model: Any, device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every entry of the plain transformers state dict of ``model`` (a causal LM, a
+    peft model around one, or a DeepSpeed engine around either): full tensors, LoRA adapters merged into their base
+    weights, names as ``merge_and_unload().state_dict()`` has them (``...q_proj.weight``).
+
+    Under DeepSpeed ZeRO-3 the parameters are gathered a few at a time (one LoRA layer's, or one other parameter)
+    with ``deepspeed.zero.GatheredParameters`` and released again: a collective, every rank must call it and
+    consume it in the same order. A merged weight is computed out of place (base + peft's ``get_delta_weight``),
+    so the live module is never modified. The yielded tensors are detached copies on ``device`` (default: the
+    parameters' device); a parameter that appears under several names (tied embeddings) is yielded as the same
+    tensor each time, as ``state_dict()`` does."""
+    model = getattr(model, "module", model)  # DeepSpeed engine
+    peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+    base = model.get_base_model() if peft else model
+    lora_layers = {}
+    if peft:
+        for name, m in base.named_modules():
+            if hasattr(m, "lora_A") and hasattr(m, "get_base_layer") and hasattr(m, "get_delta_weight"):
+                lora_layers[name] = m
+    zero3 = any(hasattr(p, "ds_id") for p in base.parameters())
+
+    @contextlib.contextmanager
+    def gathered(params):
+        params = [p for p in params if hasattr(p, "ds_id")]
+        if zero3 and params:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+        else:
+            yield
+
+    state = base.state_dict(keep_vars=True)
+    uses = Counter(id(t) for t in state.values())
+    seen: dict[int, torch.Tensor] = {}  # tensors under several names (tied weights), yielded as one tensor
+    done_layers = set()
+    for key, t in state.items():
+        owner = next((n for n in lora_layers if key.startswith(n + ".")), None)
+        if owner is not None:
+            if owner in done_layers:
+                continue
+            done_layers.add(owner)
+            m = lora_layers[owner]
+            layer = m.get_base_layer()
+            with gathered(list(m.parameters())):
+                with torch.no_grad():
+                    merged = {pn: p.detach().clone() for pn, p in layer.named_parameters(recurse=False)}
+                    for adapter in m.active_adapters:
+                        if adapter not in m.lora_A or adapter in getattr(m, "merged_adapters", ()):
+                            continue
+                        if getattr(m, "lora_variant", {}).get(adapter) is not None or \
+                                getattr(m, "use_dora", {}).get(adapter, False):
+                            raise NotImplementedError(f"merging the LoRA variant of {owner} (e.g. DoRA) out of place")
+                        merged["weight"] += m.get_delta_weight(adapter).to(merged["weight"].dtype)
+                        if getattr(m, "lora_bias", {}).get(adapter, False):
+                            merged["bias"] += (m.lora_B[adapter].bias * m.scaling[adapter]).to(merged["bias"].dtype)
+            for pn, v in merged.items():
+                yield f"{owner}.{pn}", v.to(device) if device is not None else v
+            continue
+        if id(t) in seen:
+            yield key, seen[id(t)]
+            continue
+        with gathered([t]):
+            v = t.detach().to(device, copy=True) if device is not None else t.detach().clone()
+        if uses[id(t)] > 1:
+            seen[id(t)] = v
+        yield key, v
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -294,6 +294,8 @@ def deepspeed_config(cfg: Config) -> dict:
     zero = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if cfg.deepspeed.param_persistence_threshold >= 0:
+            zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -359,6 +361,22 @@ def resolve_fused_linear(cfg: Config, vocab: int, student) -> bool:
     return blocker is None and vocab >= FUSED_AUTO_MIN_VOCAB
 
 
+def check_topk_student(cfg: Config, student) -> None:
+    """loss.kind=topk computes the student's logits at the teacher's ids from the final hidden states and the
+    lm_head weight: a plain lm_head (ZeRO-3 is fine, see `lm_head_call`; LoRA adapters elsewhere train through the
+    hidden states). An lm_head wrapped by peft (a LoRA target, modules_to_save) is a ConfigError."""
+    if cfg.loss.kind != "topk":
+        return
+    head = _base(student).get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ConfigError("loss.kind=topk needs the student's lm_head weight (get_output_embeddings); this model "
+                          "has none")
+    if any(hasattr(head, a) for a in ("lora_A", "base_layer", "original_module", "modules_to_save")):
+        raise ConfigError(f"loss.kind=topk: the student's lm_head is wrapped by peft ({type(head).__name__}); the "
+                          f"top-k logits come from the plain lm_head weight: remove lm_head from "
+                          f"model.lora_target_modules, or use loss.kind=opd or gjsd")
+
+
 def _student_hidden(engine, batch, packed: bool = False):
     """Final hidden states of the student's decoder (after its last norm) [B, L, d] and its lm_head.
     ``packed``: one padding-free forward (opdx.packing), unpacked to [B, L, d] (zeros at padding)."""
@@ -385,6 +403,28 @@ def _student_forward(engine, batch, keep: int, packed: bool = False):
     rows[:, :-1] = batch.loss_mask[:, width - keep:]  # logits[:, j] predicts targets[:, width - keep + j]
     return SimpleNamespace(logits=causal_lm_logits(engine, batch.input_ids, batch.attention_mask, keep, packed=True,
                                                    rows=rows))
+
+
+def lm_head_call(head, fn, hidden: torch.Tensor):
+    """``fn(head, hidden)`` run as the forward of the lm_head module ``head``: ``head(hidden)`` with its ``forward``
+    routed to ``fn`` for this one call.
+
+    Module hooks fire as for a normal call, which is what DeepSpeed ZeRO-3 needs for a loss computed from the
+    lm_head weight itself (opdx.ops.topk_kl) instead of the module's output: its pre-forward hook gathers the
+    partitioned weight, the post-forward hook releases it, the hooks it puts on the call's tensor outputs and
+    inputs re-gather it when the backward reaches the output and release it once the gradient reaches ``hidden``,
+    and the weight's gradient is reduce-scattered by its accumulate-grad hook like any other parameter's. A
+    collective under ZeRO-3: every rank makes the same calls. ``fn`` must return one tensor (pass other results
+    through a closure) and take ``hidden`` positionally (the hooks see positional inputs only)."""
+    saved = head.__dict__.get("forward")
+    head.forward = lambda h: fn(head, h)
+    try:
+        return head(hidden)
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
 
 
 def _head_rows(head, vocab: int):
@@ -489,28 +529,47 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
     else:  # topk: hidden states + lm_head weight, never [N, V] with grad
         hidden, head = _student_hidden(engine, batch, packed=cfg.model.packed)
         hidden = hidden[:, :-1][mask]
-        weight = head.weight[:vocab]
-        bias = head.bias[:vocab] if getattr(head, "bias", None) is not None else None
-        loss = topk_loss(hidden, weight, signal.topk_ids, signal.topk_logprobs, bias=bias, beta=cfg.loss.beta,
-                         temperature=temp, tail=cfg.loss.tail)
         tgt = batch.targets[mask]
-        s_rows = None
-        if sft:
-            s_rows = token_logprobs(head(hidden)[..., :vocab], tgt, temperature=temp)
-            loss = loss + cfg.loss.sft_alpha * (-s_rows.float().mean() if s_rows.numel() else 0.0)
-            sft = False
-        with torch.no_grad():
-            if s_rows is None:
-                s_rows = torch.cat([token_logprobs(head(hidden[i:i + 1024].detach())[..., :vocab], tgt[i:i + 1024],
-                                                   temperature=temp) for i in range(0, hidden.shape[0], 1024)]) \
-                    if hidden.shape[0] else hidden.new_zeros(0)
-            s_logp = torch.zeros_like(batch.targets, dtype=torch.float32)
-            s_logp[mask] = s_rows.detach().float()
-            t_logp = signal.token_logprobs
-            if raw_logp:
-                raw_rows = torch.cat([token_logprobs(head(hidden[i:i + 1024].detach()), tgt[i:i + 1024])
-                                      for i in range(0, hidden.shape[0], 1024)]) \
-                    if hidden.shape[0] else hidden.new_zeros(0)
+        rows = {}  # detached per-row metrics, filled inside the lm_head call
+
+        def head_loss(module, h):
+            """The topk loss (+ the sft term) and the metrics' logprobs, as the lm_head's forward: under ZeRO-3 the
+            module hooks gather the weight here, re-gather it for backward and reduce-scatter its gradient."""
+            w, b = module.weight, getattr(module, "bias", None)
+            if cfg.loss.tail:  # the tail bucket's logsumexp runs over the tokenizer's vocabulary only
+                w, b = w[:vocab], (b[:vocab] if b is not None else None)
+            # else the whole weight (the teacher's ids are < vocab; autograd saves the parameter itself, not a view)
+            out = topk_loss(h, w, signal.topk_ids, signal.topk_logprobs, bias=b, beta=cfg.loss.beta,
+                            temperature=temp, tail=cfg.loss.tail)
+
+            def logits(x):
+                return type(module).forward(module, x)  # the lm_head's own computation, inside this call
+
+            if sft:
+                s = token_logprobs(logits(h)[..., :vocab], tgt, temperature=temp)
+                out = out + cfg.loss.sft_alpha * (-s.float().mean() if s.numel() else 0.0)
+                rows["s"] = s.detach()
+            with torch.no_grad():
+                hd = h.detach()
+
+                def chunked(v, t):
+                    if not hd.shape[0]:
+                        return hd.new_zeros(0)
+                    return torch.cat([token_logprobs(logits(hd[i:i + 1024])[..., :v], tgt[i:i + 1024], temperature=t)
+                                      for i in range(0, hd.shape[0], 1024)])
+
+                if "s" not in rows:
+                    rows["s"] = chunked(vocab, temp)
+                if raw_logp:
+                    rows["raw"] = chunked(None, 1.0)
+            return out
+
+        loss = lm_head_call(head, head_loss, hidden)
+        sft = False
+        s_logp = torch.zeros_like(batch.targets, dtype=torch.float32)
+        s_logp[mask] = rows["s"].float()
+        t_logp = signal.token_logprobs
+        raw_rows = rows.get("raw")
     if sft:
         loss = loss + cfg.loss.sft_alpha * sft_loss(s_logp, mask)
     _, _, k1_sum, n = reverse_kl_estimates(s_logp.detach(), t_logp, mask)
@@ -788,6 +847,7 @@ def run(cfg: Config) -> dict:
     else:
         teacher_model = load_teacher_model(cfg, teacher_dir, device)
         vocab = aligned_vocab_size(tok, _base(student), teacher_model)
+    check_topk_student(cfg, student)
     fused = resolve_fused_linear(cfg, vocab, student)
     params = [p for p in student.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=params, config=ds_cfg,
@@ -980,22 +1040,40 @@ def run(cfg: Config) -> dict:
 
 
 def save_final(cfg: Config, engine, tokenizer, final_dir: Path) -> None:
-    """save_pretrained under output_dir/final (ZeRO-3 weights consolidated; LoRA merged into the base)."""
+    """save_pretrained under output_dir/final: the full model (ZeRO-3 weights consolidated), and with LoRA the
+    adapter under final/adapter plus the model with the adapter merged into its base weights under final/.
+    Collective under ZeRO-3 (every rank calls it); rank 0 writes."""
     module = engine.module
-    if cfg.deepspeed.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = None
-    if _rank() == 0:
-        tmp = final_dir.with_name(final_dir.name + ".tmp")
+    zero3 = cfg.deepspeed.zero_stage == 3
+    rank0 = _rank() == 0
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.model.lora:
+    if cfg.model.lora and zero3:
+        # the engine's parameters are partitioned: gather the adapter, then the merged weights a layer at a time
+        import deepspeed
+
+        from opdx.models import iter_merged_weights
+
+        adapter = [p for p in module.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(adapter, modifier_rank=None):
+            if rank0:
+                module.save_pretrained(str(tmp / "adapter"))
+        state = {}
+        for name, t in iter_merged_weights(module, device="cpu"):  # tied weights: one tensor under both names
+            if rank0:
+                state[name] = t
+        if rank0:
+            _base(module).save_pretrained(str(tmp), state_dict=state)
+    elif cfg.model.lora:
+        if rank0:
             module.save_pretrained(str(tmp / "adapter"))
-            if state is None:
-                merged = module.merge_and_unload()
-                merged.save_pretrained(str(tmp))
-        else:
+            module.merge_and_unload().save_pretrained(str(tmp))
+    else:
+        state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+        if rank0:
             module.save_pretrained(str(tmp), state_dict=state)
+    if rank0:
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(tmp, final_dir)

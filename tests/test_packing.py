@@ -230,7 +230,7 @@ def test_lora_gradient_checkpointing_packed_matches_padded(tmp_path, fresh_seed)
                                                  task_type="CAUSAL_LM", init_lora_weights=False))
     student.train()
     batch = _uneven_batch(fresh_seed)
-    for kind in ("opd", "gjsd"):
+    for kind in ("opd", "gjsd", "topk"):
         over = [f"loss.kind={kind}", "loss.topk=8", "model.lora=true"]
         l0, g0, _ = _step(load_config(TINY, over), student, teacher, batch, "student", False)
         l1, g1, _ = _step(load_config(TINY, over + ["model.packed=true"]), student, teacher, batch, "student", False)

@@ -134,6 +134,73 @@ def test_topk_zero1(tiny, tmp_path):
     check_run(out, 4)
 
 
+def _final_weights(out, sub=""):
+    from safetensors.torch import load_file
+
+    d = Path(out) / "final" / sub
+    return load_file(str(d / ("adapter_model.safetensors" if sub == "adapter" else "model.safetensors")))
+
+
+def _same_run(a, b, *, rel):
+    """Two runs of one config: the same per-step losses / reverse KL and the same final weights."""
+    ta, tb = [r for r in metrics(a) if "loss" in r], [r for r in metrics(b) if "loss" in r]
+    assert [r["step"] for r in ta] == [r["step"] for r in tb] and ta
+    for x, y in zip(ta, tb):
+        for k in ("loss", "reverse_kl", "reverse_kl_k3", "tokens"):
+            assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-7), (x["step"], k, x[k], y[k])
+    for sub in ("", "adapter") if (Path(a) / "final" / "adapter").is_dir() else ("",):
+        wa, wb = _final_weights(a, sub), _final_weights(b, sub)
+        assert set(wa) == set(wb) and wa
+        for name in wa:
+            assert wa[name].shape == wb[name].shape and torch.isfinite(wb[name]).all(), (sub, name)
+            diff = float((wb[name].double() - wa[name].double()).norm() / wa[name].double().norm().clamp_min(1e-30))
+            assert diff < rel, (sub, name, diff)
+
+
+@pytest.mark.skipif(not _has_op("topk_kl"), reason="opdx.ops.topk_kl not merged yet")
+def test_topk_zero3_matches_zero0(tiny, tmp_path):
+    """loss.kind=topk on a ZeRO-3 student: the loss runs inside the lm_head's module call (opdx.train.lm_head_call),
+    so the partitioned weight is gathered for the forward, re-gathered for the backward and its gradient
+    reduce-scattered. Same losses and final weights as ZeRO-0 (fp32; dataset sequences, so the batches do not
+    depend on sampling; an sft term through the lm_head's own forward; the ZeRO-3 run packed)."""
+    common = ("train.max_steps=2", "loss.kind=topk", "loss.topk=8", "loss.beta=0.5", "loss.lmbda=0",
+              "loss.sft_alpha=0.2", "save.every=0")
+    z0, z3 = tmp_path / "topk_z0", tmp_path / "topk_z3"
+    torchrun(tiny, z0, *common, "deepspeed.zero_stage=0", "eval.at_start=false", "log.plot=false")
+    torchrun(tiny, z3, *common, "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0",
+             "model.packed=true")
+    check_run(z3, 2)
+    _same_run(z0, z3, rel=1e-5)
+
+
+@pytest.mark.skipif(not _has_op("topk_kl"), reason="opdx.ops.topk_kl not merged yet")
+def test_topk_lora_zero3_final_save_matches_zero0(tiny, tmp_path):
+    """loss.kind=topk with LoRA (adapters on the attention projections, trained through the hidden states) under
+    ZeRO-3: the final save gathers the partitioned weights and writes what the ZeRO-0 run writes, the adapter under
+    final/adapter and the merged model under final/, equal to the ZeRO-0 run's files."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    common = ("train.max_steps=2", "loss.kind=topk", "loss.topk=8", "loss.tail=true", "loss.lmbda=0",
+              "model.lora=true", "model.lora_r=4", "model.packed=true", "save.every=0", "optim.lr=1e-2")
+    z0, z3 = tmp_path / "lora_z0", tmp_path / "lora_z3"
+    torchrun(tiny, z0, *common, "deepspeed.zero_stage=0", "eval.at_start=false", "log.plot=false")
+    torchrun(tiny, z3, *common, "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0")
+    check_run(z3, 2)
+    _same_run(z0, z3, rel=1e-5)
+    initial = AutoModelForCausalLM.from_pretrained(tiny["student"]).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(str(z3 / "final")).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    reloaded = PeftModel.from_pretrained(base, str(z3 / "final" / "adapter")).merge_and_unload().state_dict()
+    assert set(merged) == set(reloaded) == set(initial)
+    for name, w in merged.items():  # base + the saved adapter == the saved merged model
+        assert torch.allclose(reloaded[name], w, rtol=0, atol=1e-6), name
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):  # the LoRA targets
+            assert float((w - initial[name]).abs().max()) > 1e-4, name
+        else:
+            assert torch.equal(w, initial[name]), name
+
+
 # --------------------------------------------------------------------------------------------- kill + resume
 def _kill_tree(root: int) -> None:
     """SIGKILL torchrun and every rank it started (the ranks run in their own sessions), no clean-up."""
