@@ -45,32 +45,13 @@ def _unwrap(model):
 
 
 def iter_student_weights(model):
-    """Yield ``(hf_name, tensor)`` of the full (gathered, LoRA-merged) student, one parameter at a time.
+    """Yield ``(hf_name, tensor)`` of the full (gathered, LoRA-merged) student, one parameter at a time, tied
+    parameters under every name (vLLM reloads a tied lm_head as its own layer): opdx.models.iter_merged_weights.
 
     Collective under ZeRO-3 (every rank must call it, in the same order)."""
-    model = _unwrap(model)
-    peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
-    if peft:
-        model.merge_adapter()
-    try:
-        base = model.get_base_model() if peft else model
-        zero3 = any(hasattr(p, "ds_id") for p in base.parameters())
-        # remove_duplicate=False: tied parameters under every name (vLLM reloads a tied lm_head as its own layer)
-        named = list(base.named_parameters(remove_duplicate=False))
-        for name, param in named:
-            if "lora_" in name or "modules_to_save" in name:
-                continue
-            hf_name = name.replace(".base_layer.", ".")
-            if zero3 and hasattr(param, "ds_id"):
-                import deepspeed
+    from opdx.models import iter_merged_weights
 
-                with deepspeed.zero.GatheredParameters([param]):
-                    yield hf_name, param.detach().clone()
-            else:
-                yield hf_name, param.detach()
-    finally:
-        if peft:
-            model.unmerge_adapter()
+    yield from iter_merged_weights(model)
 
 
 def _build_batch(prompts, completions, logprobs, finish, *, pad_id: int, eos_ids) -> RolloutBatch:
