@@ -27,6 +27,43 @@ def fmt(x, digits=2):
     return str(x)
 
 
+# Ops whose rows are not kernel timings: their own columns and baseline. "higher" baselines compare a rate.
+OP_TABLES = {
+    "rollout": dict(
+        intro="Generated tokens/s of one `generate` call (tokens through EOS / wall time; medians over the rounds "
+              "with min-max), `benchmarks/test_rollout.py`.",
+        cols=[("impl", "impl", None), ("tokens/s", "tokens_per_s", 1), ("min-max tokens/s", "tokens_per_s_range", None),
+              ("time (ms)", "time_ms", 2), ("new tokens", "new_tokens", 0), ("rounds", "rounds", 0)],
+        baseline=("hf_generate", "tokens_per_s", "higher"), speedup="speedup vs HF"),
+    "rollout_weight_sync": dict(
+        intro="`VLLMColocateRollout.sync_weights` after a parameter change (medians with min-max; GB/s = the "
+              "student's fp32 bytes / time), `benchmarks/test_rollout.py`.",
+        cols=[("impl", "impl", None), ("time (ms)", "time_ms", 2), ("min-max (ms)", "time_ms_range", None),
+              ("weights (MB)", "weights_mb", 1), ("GB/s", "gb_per_s", 2), ("tensors", "tensors", 0),
+              ("rounds", "rounds", 0)],
+        baseline=None, speedup=None),
+}
+DEFAULT_TABLE = dict(
+    intro=None,
+    cols=[("impl", "impl", None), ("time (ms)", "time_ms", 2), ("GB/s", "gb_per_s", 2), ("% copy BW", "pct_copy_bw", 1),
+          ("peak mem (MB)", "peak_mem_mb", 1)],
+    baseline=(("torch_eager", "trl_eager", "eager"), "time_ms", "lower"), speedup="speedup vs eager")
+
+
+def _derived(row):
+    row = dict(row)
+    for key in ("tokens_per_s", "time_ms"):
+        lo, hi = row.get(key + "_min"), row.get(key + "_max")
+        if lo is not None and hi is not None:
+            row[key + "_range"] = f"{lo:.1f}-{hi:.1f}" if key == "tokens_per_s" else f"{lo:.2f}-{hi:.2f}"
+    return row
+
+
+def _case_order(case):
+    """Cases in order of their values, numbers numerically (batch 8 before 32)."""
+    return [(k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in sorted(case.items())]
+
+
 def render() -> str:
     out = [HEADER]
     files = sorted(glob.glob(os.path.join(HERE, "results", "*.json")))
@@ -35,25 +72,42 @@ def render() -> str:
         with open(path) as f:
             data = json.load(f)
         for row in data["rows"]:
-            by_op.setdefault(data["op"], []).append({**row, "device": data["device"], "torch": data.get("torch")})
+            by_op.setdefault(data["op"], []).append(
+                _derived({**row, "device": data["device"], "torch": data.get("torch")}))
     for op, rows in sorted(by_op.items()):
+        spec = OP_TABLES.get(op, DEFAULT_TABLE)
         out.append(f"\n## {op}\n")
+        if spec["intro"]:
+            out.append(spec["intro"] + "\n")
         case_keys = sorted({k for r in rows for k in r["case"]})
-        cols = ["device"] + case_keys + ["impl", "time (ms)", "GB/s", "% copy BW", "peak mem (MB)", "speedup vs eager"]
+        cols = ["device"] + case_keys + [c[0] for c in spec["cols"]] + ([spec["speedup"]] if spec["speedup"] else [])
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
-        eager = {}
+        case_id = lambda r: (r["device"], json.dumps(r["case"], sort_keys=True))  # noqa: E731
+        base = {}
+        if spec["baseline"]:
+            impls, metric, better = spec["baseline"]
+            impls = (impls,) if isinstance(impls, str) else impls
+            for r in rows:
+                if r["impl"] in impls and r.get(metric):
+                    base[case_id(r)] = r[metric]
+        rows.sort(key=lambda r: (r["device"], _case_order(r["case"]), r["time_ms"]))
         for r in rows:
-            if r["impl"] in ("torch_eager", "trl_eager", "eager"):
-                eager[(r["device"], json.dumps(r["case"], sort_keys=True))] = r["time_ms"]
-        rows.sort(key=lambda r: (r["device"], json.dumps(r["case"], sort_keys=True), r["time_ms"]))
-        for r in rows:
-            base = eager.get((r["device"], json.dumps(r["case"], sort_keys=True)))
-            speed = f"{base / r['time_ms']:.2f}x" if base else ""
-            vals = [r["device"]] + [fmt(r["case"].get(k)) for k in case_keys] + [
-                r["impl"], fmt(r["time_ms"]), fmt(r.get("gb_per_s")), fmt(r.get("pct_copy_bw"), 1),
-                fmt(r.get("peak_mem_mb"), 1), speed]
+            vals = [r["device"]] + [fmt(r["case"].get(k)) for k in case_keys]
+            for _, key, digits in spec["cols"]:
+                v = r.get(key)
+                vals.append(fmt(v) if digits is None or v is None else fmt(float(v), digits))
+            if spec["speedup"]:
+                b, v = base.get(case_id(r)), r.get(spec["baseline"][1])
+                if b and v:
+                    vals.append(f"{(v / b if spec['baseline'][2] == 'higher' else b / v):.2f}x")
+                else:
+                    vals.append("")
             out.append("| " + " | ".join(vals) + " |")
+        notes = sorted({r["note"] for r in rows if r.get("note")})
+        if notes:
+            out.append("")
+            out.extend(f"Note: {n}" for n in notes)
     return "\n".join(out) + "\n"
 
 
