@@ -42,6 +42,10 @@ NOTES = {
                   "loss = student forward + loss, backward = backward + optimizer step, sync = rollout weight sync, "
                   "other) the median ms and the % of the time; `speedup_vs_trl` = TRL GKDTrainer's median step / "
                   "this one's (same models, batch, rollout length); `loadavg_1m_*`: the machine's load around the run.",
+    "rollout": "Generated tokens/s of one `generate` call (tokens through EOS / wall time; medians over `rounds`, "
+               "with min/max), HF `generate` vs the colocated vLLM engine (benchmarks/test_rollout.py).",
+    "rollout_weight_sync": "`VLLMColocateRollout.sync_weights` after a parameter change (median time with min/max; "
+                           "GB/s = the student's fp32 bytes / time), benchmarks/test_rollout.py.",
 }
 
 # row keys with a fixed column; every other numeric key (nested dicts flattened as a.b) gets a generic column
