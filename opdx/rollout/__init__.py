@@ -13,25 +13,9 @@ T. ``completion_mask`` ``[B, T]`` marks the generated tokens (through the first 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
-
-@dataclass
-class RolloutBatch:
-    sequences: torch.Tensor  # [B, P + T] left-padded prompts + right-padded completions
-    prompt_lens: list  # true prompt lengths
-    completion_mask: torch.Tensor  # [B, T] bool, generated tokens
-    sampling_logprobs: torch.Tensor | None  # [B, T] logprobs of the sampled tokens under the sampler, or None
-    finish_reasons: list  # "stop" (EOS generated) | "length" (max_new_tokens reached)
-    prompt_width: int = 0  # P
-
-    def completions(self) -> list[list[int]]:
-        comp = self.sequences[:, self.prompt_width:]
-        lens = self.completion_mask.sum(1).tolist()
-        return [comp[i, :n].tolist() for i, n in enumerate(lens)]
+from opdx.rollout.batch import RolloutBatch
 
 
 class RolloutEngine(Protocol):

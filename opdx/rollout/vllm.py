@@ -27,7 +27,8 @@ import os
 
 import torch
 
-from opdx.rollout import RolloutBatch
+from opdx.http import CompletionsClient, generate_via_completions, post_json
+from opdx.rollout.batch import RolloutBatch, batch_from_completions, check_finish_reason
 
 
 def _import_vllm():
@@ -52,28 +53,6 @@ def iter_student_weights(model):
     from opdx.models import iter_merged_weights
 
     yield from iter_merged_weights(model)
-
-
-def _build_batch(prompts, completions, logprobs, finish, *, pad_id: int, eos_ids) -> RolloutBatch:
-    """RolloutBatch from per-row completion token lists (already cut at the first EOS by the engine)."""
-    width = max(len(p) for p in prompts)
-    lens = []
-    for i, c in enumerate(completions):
-        cut = next((j + 1 for j, t in enumerate(c) if t in eos_ids), len(c))  # through the first EOS
-        if cut != len(c):
-            raise RuntimeError(f"vLLM completion {i} continues after EOS at position {cut - 1}: {c}")
-        lens.append(len(c))
-    t = max(1, max(lens))
-    seqs = torch.full((len(prompts), width + t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), t), dtype=torch.bool)
-    logps = torch.zeros((len(prompts), t), dtype=torch.float32)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        seqs[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
-        if c:
-            seqs[i, width:width + len(c)] = torch.tensor(c, dtype=torch.long)
-            logps[i, :len(c)] = torch.tensor(logprobs[i], dtype=torch.float32)
-        mask[i, :len(c)] = True
-    return RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, list(finish), width)
 
 
 def logprob_mismatch(batch: RolloutBatch, student_logprobs: torch.Tensor) -> float:
@@ -181,17 +160,11 @@ class VLLMColocateRollout:
                 raise RuntimeError(f"vLLM returned no sampling logprobs for prompt {i}")
             comps.append(ids)
             lps.append([float(step[t].logprob) for step, t in zip(c.logprobs, ids)])
-            finish.append(_finish(c.finish_reason, i))
+            finish.append(check_finish_reason(c.finish_reason, i))
         if self.sleep:
             self.llm.sleep(level=1)
             self.asleep = True
-        return _build_batch(prompts, comps, lps, finish, pad_id=self.pad_id, eos_ids=self.eos_ids)
-
-
-def _finish(reason, i) -> str:
-    if reason not in ("stop", "length"):
-        raise RuntimeError(f"vLLM request {i} finished with {reason!r} (expected 'stop' or 'length')")
-    return reason
+        return batch_from_completions(prompts, comps, lps, finish, pad_id=self.pad_id, eos_ids=self.eos_ids)
 
 
 def _default_sync_dir() -> str:
@@ -220,47 +193,12 @@ def write_weights(engine, path: str) -> str:
     return path
 
 
-def generate_via_completions(client, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float,
-                             eos_ids, pad_id: int, what: str = "rollout", min_new_tokens: int = 0) -> RolloutBatch:
-    """Token-in/token-out generation through ``/v1/completions`` (one request per prompt, run concurrently)."""
-    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-    sample = temperature > 0
-
-    def check(answer, n_prompt):
-        choice = answer["choices"][0]
-        ids = choice["token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise ValueError("no token_ids in the answer (server older than return_token_ids?)")
-        lp = choice["logprobs"]["token_logprobs"]
-        if len(lp) != len(ids) or any(v is None for v in lp):
-            raise ValueError(f"{len(lp)} token_logprobs for {len(ids)} tokens")
-        return ids, [float(v) for v in lp], _finish(choice["finish_reason"], 0)
-
-    def one(item):
-        i, p = item
-        payload = {"prompt": list(p), "max_tokens": int(max_new_tokens), "temperature": float(temperature),
-                   "top_p": float(top_p) if sample else 1.0, "seed": int(seed) * 100003 + i, "logprobs": 0,
-                   "stop_token_ids": eos_ids, "return_token_ids": True, "skip_special_tokens": False}
-        if min_new_tokens:
-            payload["min_tokens"] = min(int(min_new_tokens), int(max_new_tokens))
-        return client.complete(f"{what} request for prompt {i} ({len(p)} tokens)", payload,
-                               check=lambda a: check(a, len(p)))
-
-    results = client.map(one, list(enumerate(prompts)))
-    comps = [r[0] for r in results]
-    lps = [r[1] for r in results]
-    finish = [r[2] for r in results]
-    return _build_batch(prompts, comps, lps, finish, pad_id=pad_id, eos_ids=eos_ids)
-
-
 class VLLMServerRollout:
     """Rollouts from an external ``vllm serve`` of the student; weights pushed through a shared directory."""
 
     def __init__(self, server_url: str, *, eos_ids, pad_id: int, sync_dir: str, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, timeout: float = 300.0, max_retries: int = 3,
                  max_concurrency: int = 16, model: str | None = None, min_new_tokens: int = 0):
-        from opdx.teacher.server import CompletionsClient
-
         if not sync_dir:
             raise ValueError("rollout.mode=server needs rollout.sync_dir: a directory both the trainer and the "
                              "vllm serve process can read (the student weights are written there after each step)")
@@ -283,8 +221,6 @@ class VLLMServerRollout:
 
     def sync_weights(self, engine) -> None:
         """Write the student (collective under ZeRO-3) and have the server reload it (rank 0)."""
-        from opdx.teacher.server import _post_json
-
         path = write_weights(engine, self.sync_dir)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank == 0:
@@ -292,7 +228,7 @@ class VLLMServerRollout:
             body = {"method": "reload_weights", "kwargs": {"weights_path": path}}
             try:
                 self.client.call(f"weight sync ({url}, weights_path={path})",
-                                 lambda: _post_json(url, body, self.client.timeout))
+                                 lambda: post_json(url, body, self.client.timeout))
             except Exception as exc:
                 if "404" in str(exc):
                     raise RuntimeError(f"{url} not found: start the rollout server with VLLM_SERVER_DEV_MODE=1 "
@@ -302,5 +238,4 @@ class VLLMServerRollout:
             torch.distributed.barrier()
 
 
-__all__ = ["VLLMColocateRollout", "VLLMServerRollout", "generate_via_completions", "iter_student_weights",
-           "logprob_mismatch", "write_weights"]
+__all__ = ["VLLMColocateRollout", "VLLMServerRollout", "iter_student_weights", "logprob_mismatch", "write_weights"]

@@ -26,134 +26,15 @@ never silent zeros.
 
 from __future__ import annotations
 
-import json
 import math
-import socket
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from opdx.http import CompletionsClient, ServerError, generate_via_completions
 from opdx.teacher import TeacherSignal
 
 
-class TeacherServerError(RuntimeError):
-    """A request to the teacher server failed after its retries, or its answer was malformed."""
-
-
-class _Retryable(Exception):
-    pass
-
-
-class _Fatal(Exception):
-    pass
-
-
-def _post_json(url: str, payload: dict, timeout: float) -> dict:
-    """One POST; raises _Retryable (transient) or _Fatal (4xx) with a one-line cause."""
-    data = json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
-    return _send(req, timeout)
-
-
-def _get_json(url: str, timeout: float) -> dict:
-    return _send(urllib.request.Request(url, method="GET"), timeout)
-
-
-def _send(req, timeout: float) -> dict:
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read()[:500].decode(errors="replace") if exc.fp is not None else ""
-        msg = f"HTTP {exc.code}: {detail.strip()}"
-        if exc.code >= 500 or exc.code == 429:
-            raise _Retryable(msg) from None
-        raise _Fatal(msg) from None
-    except (socket.timeout, TimeoutError) as exc:
-        raise _Retryable(f"timed out after {timeout:g} s ({exc})") from None
-    except (urllib.error.URLError, ConnectionError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, (socket.timeout, TimeoutError)):
-            raise _Retryable(f"timed out after {timeout:g} s") from None
-        raise _Retryable(f"connection failed: {reason}") from None
-    try:
-        out = json.loads(body)
-    except ValueError as exc:
-        raise _Retryable(f"malformed JSON in the response ({exc}; body starts {body[:80]!r})") from None
-    if not isinstance(out, dict):
-        raise _Retryable(f"malformed response: expected a JSON object, got {type(out).__name__}")
-    return out
-
-
-class CompletionsClient:
-    """Token-in/token-out calls to ``{base_url}/v1/completions`` with timeouts, retries and backoff."""
-
-    def __init__(self, base_url: str, *, model: str | None = None, timeout: float = 60.0, max_retries: int = 3,
-                 backoff: float = 0.5, max_backoff: float = 8.0, max_concurrency: int = 16):
-        if not base_url:
-            raise ValueError("server url is empty: pass e.g. http://127.0.0.1:8000 (the `vllm serve` address)")
-        base = base_url.rstrip("/")
-        if base.endswith("/v1"):
-            base = base[:-3]
-        self.base_url = base
-        self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
-        if self.max_retries < 0 or self.timeout <= 0:
-            raise ValueError(f"need timeout > 0 and max_retries >= 0, got {timeout}, {max_retries}")
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.max_concurrency = max(1, int(max_concurrency))
-        self._model = model
-
-    @property
-    def model(self) -> str:
-        """The served model name (``--served-model-name``), read once from ``/v1/models`` when not given."""
-        if self._model is None:
-            out = self.call("GET /v1/models", lambda: _get_json(self.base_url + "/v1/models", self.timeout))
-            try:
-                self._model = str(out["data"][0]["id"])
-            except (KeyError, IndexError, TypeError):
-                raise TeacherServerError(f"{self.base_url}/v1/models: malformed answer {str(out)[:200]}") from None
-        return self._model
-
-    def call(self, what: str, fn):
-        """Run ``fn`` with bounded retries and exponential backoff; raise TeacherServerError naming ``what``."""
-        last = None
-        for attempt in range(self.max_retries + 1):
-            try:
-                return fn()
-            except _Fatal as exc:
-                raise TeacherServerError(f"{what}: rejected by {self.base_url}: {exc}") from None
-            except _Retryable as exc:
-                last = exc
-            if attempt < self.max_retries:
-                time.sleep(min(self.max_backoff, self.backoff * (2 ** attempt)))
-        raise TeacherServerError(f"{what}: failed after {self.max_retries + 1} attempts to {self.base_url}: {last}")
-
-    def complete(self, what: str, payload: dict, check=None) -> dict:
-        """POST /v1/completions; ``check(answer)`` raises ValueError on a malformed answer (retried)."""
-        payload = dict(payload, model=self.model)
-        url = self.base_url + "/v1/completions"
-
-        def once():
-            out = _post_json(url, payload, self.timeout)
-            if check is not None:
-                try:
-                    return check(out)
-                except (ValueError, KeyError, IndexError, TypeError) as exc:
-                    raise _Retryable(f"malformed completions answer: {exc!r}") from None
-            return out
-
-        return self.call(what, once)
-
-    def map(self, fn, items: list):
-        if len(items) <= 1 or self.max_concurrency == 1:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
-            return list(pool.map(fn, items))
+TeacherServerError = ServerError  # the teacher's name for the shared client's error
 
 
 def _parse_prompt_logprobs(answer: dict, tokens: list[int], k: int):
@@ -285,11 +166,9 @@ class ServerTeacher:
     def generate(self, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float, eos_ids,
                  pad_id: int, synced_gpus: bool = False, vocab_size: int | None = None):
         """Teacher completions for sequence-level KD (`loss.seq_kd`) through the same endpoint."""
-        from opdx.rollout.vllm import generate_via_completions
-
         return generate_via_completions(self.client, prompts, seed=seed, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
                                         what="teacher generation")
 
 
-__all__ = ["CompletionsClient", "ServerTeacher", "TeacherServerError"]
+__all__ = ["ServerTeacher", "TeacherServerError"]
