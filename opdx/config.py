@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from opdx.config_checks import SECTION_RULES
+
 
 class ConfigError(ValueError):
     """Bad configuration or input; the trainer prints it as one line and exits nonzero before heavy work."""
@@ -332,86 +334,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def lora_targets_lm_head(targets) -> bool:
-    """Whether peft's module-name matching of ``target_modules`` (a name matches a module whose dotted path ends
-    with it) picks the output layer ``lm_head``."""
-    return any(str(t).rsplit(".", 1)[-1] == "lm_head" for t in (targets or ()))
-
-
 def validate(cfg: Config) -> None:
-    def need(cond: bool, msg: str):
-        if not cond:
-            raise ConfigError(msg)
-
-    need(0.0 <= cfg.loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
-    need(0.0 <= cfg.loss.lmbda <= 1.0, f"loss.lmbda must be in [0, 1], got {cfg.loss.lmbda}")
-    need(cfg.loss.temperature > 0, f"loss.temperature must be > 0, got {cfg.loss.temperature}")
-    need(cfg.loss.sft_alpha >= 0, f"loss.sft_alpha must be >= 0, got {cfg.loss.sft_alpha}")
-    need(cfg.loss.topk >= 1, f"loss.topk must be >= 1, got {cfg.loss.topk}")
-    need(cfg.rollout.temperature >= 0, f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}")
-    need(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
-    need(cfg.rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {cfg.rollout.max_new_tokens}")
-    need(0 <= cfg.rollout.min_new_tokens <= cfg.rollout.max_new_tokens,
-         f"rollout.min_new_tokens must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}], "
-         f"got {cfg.rollout.min_new_tokens}")
-    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
-    need(cfg.deepspeed.param_persistence_threshold >= -1,
-         f"deepspeed.param_persistence_threshold must be >= 0 (or -1: DeepSpeed's default), got "
-         f"{cfg.deepspeed.param_persistence_threshold}")
-    need(cfg.train.max_steps >= 0, f"train.max_steps must be >= 0, got {cfg.train.max_steps}")
-    need(cfg.train.max_tokens >= 0, f"train.max_tokens must be >= 0, got {cfg.train.max_tokens}")
-    need(not (cfg.loss.kind == "sft" and cfg.loss.lmbda > 0),
-         f"loss.kind=sft trains on teacher (loss.seq_kd=true) or dataset sequences, never on student samples: set "
-         f"loss.lmbda=0 (got {cfg.loss.lmbda})")
-    need(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {cfg.train.micro_batch_size}")
-    need(cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
-    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    need(len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}")
-    need(cfg.data.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {cfg.data.max_prompt_len}")
-    need(cfg.eval.every >= 0 and cfg.save.every >= 0, "eval.every and save.every must be >= 0")
-    need(cfg.model.source != "path" or bool(cfg.model.path), "model.source=path needs model.path=<student dir>")
-    need(cfg.model.source != "path" or bool(cfg.teacher.path) or bool(cfg.teacher.server_url),
-         "model.source=path needs teacher.path=<teacher dir> (or teacher.server_url=<vllm serve url>)")
-    need(not (cfg.loss.kind == "topk" and cfg.model.lora and lora_targets_lm_head(cfg.model.lora_target_modules)),
-         "loss.kind=topk computes the student's logits from the lm_head weight itself, which a LoRA adapter on "
-         "lm_head would bypass: drop lm_head from model.lora_target_modules (the adapters elsewhere are trained "
-         "through the hidden states), or use loss.kind=opd or gjsd")
-    need(not (cfg.loss.fused_linear == "true" and cfg.deepspeed.zero_stage == 3),
-         "loss.fused_linear=true needs the student's lm_head weight unsharded: use deepspeed.zero_stage <= 2 or "
-         "loss.fused_linear=auto (falls back to full logits under ZeRO-3)")
-    # vLLM rollouts
-    r = cfg.rollout
-    if r.engine == "vllm" and r.mode == "server":
-        need(bool(r.server_url), "rollout.mode=server needs rollout.server_url=http://HOST:PORT (the student's "
-                                 "`vllm serve`, see the README's vLLM section)")
-        need(bool(r.sync_dir), "rollout.mode=server needs rollout.sync_dir=<dir> readable by the vllm serve process "
-                               "(the student weights are written there after each step)")
-    if r.engine == "vllm":
-        need(0.0 < r.gpu_memory_utilization <= 1.0,
-             f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
-        need(r.tensor_parallel_size == 1,
-             f"rollout.tensor_parallel_size={r.tensor_parallel_size} is not supported yet: the colocated engine "
-             "runs one vLLM per training rank (tensor_parallel_size=1); use rollout.mode=server for a sharded "
-             "student server")
-        need(r.max_model_len >= 0, f"rollout.max_model_len must be >= 0, got {r.max_model_len}")
-        need(r.timeout > 0 and r.max_retries >= 0 and r.max_concurrency >= 1,
-             "rollout.timeout must be > 0, rollout.max_retries >= 0 and rollout.max_concurrency >= 1")
-    else:
-        need(not r.server_url, "rollout.server_url is set but rollout.engine=hf; set rollout.engine=vllm "
-                               "rollout.mode=server to use it")
-        need(not r.sleep, "rollout.sleep=true needs rollout.engine=vllm")
-    # server teacher
-    t = cfg.teacher
-    if t.server_url:
-        need(cfg.loss.kind != "gjsd", "loss.kind=gjsd needs full teacher logits, which teacher.server_url cannot "
-                                      "give; use loss.kind=opd or topk with a server teacher, or unset "
-                                      "teacher.server_url")
-        need(abs(cfg.loss.temperature - 1.0) < 1e-12,
-             f"teacher.server_url needs loss.temperature=1 (vLLM's prompt logprobs are at temperature 1), got "
-             f"{cfg.loss.temperature}")
-        need(not cfg.loss.tail, "loss.tail=true needs the teacher's full-vocab logsumexp, which teacher.server_url "
-                                "cannot give; set loss.tail=false")
-        need(not t.deepspeed, "teacher.deepspeed=true wraps a local teacher; it cannot be combined with "
-                              "teacher.server_url")
-        need(t.timeout > 0 and t.max_retries >= 0 and t.max_concurrency >= 1,
-             "teacher.timeout must be > 0, teacher.max_retries >= 0 and teacher.max_concurrency >= 1")
+    """Raises ConfigError with the message of the first broken rule (`opdx.config_checks`, section by section)."""
+    for section_rules in SECTION_RULES:
+        for ok, message in section_rules(cfg):
+            if not ok:
+                raise ConfigError(message)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from opdx.report import ReportError, load_metrics, main, write_report
+from opdx.report.plots import learning_panels, step_panels
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -154,6 +155,62 @@ def test_resumed_log_keeps_last_occurrence(tmp_path):
     res = write_report(d)
     assert res["stats"]["eval_reverse_kl"]["last"] == 0.01
     assert "3 re-logged step(s)" in res["report"].read_text()
+
+
+def _trainer_rows(steps, every=5):
+    """As opdx.train logs them: an eval record at step 0 and every ``every`` steps, each carrying the cumulative
+    ``teacher_tokens`` next to its eval metrics; training records with ``time_step_s`` (the whole step: 2.5 s, of
+    which the phases take 2.0 s)."""
+    rows = [{**_eval_row(0), "teacher_tokens": 0}]
+    for s in range(1, steps + 1):
+        rows.append(_train_row(s, time_step_s=2.5))
+        if s % every == 0:
+            rows.append({**_eval_row(s), "teacher_tokens": 100 * s})
+    return rows
+
+
+def _panel(panels, name):
+    (panel,) = [p for p in panels if p.name == name]
+    return panel
+
+
+def test_fresh_run_eval_rows_are_not_relogs(tmp_path):
+    d = _write(tmp_path / "run", _trainer_rows(10))
+    m = load_metrics(d / "metrics.jsonl")
+    assert m["duplicates"] == 0
+    assert [r["step"] for r in m["train"]] == list(range(1, 11))
+    assert [r["loss"] for r in m["train"]] == [1.0 / s for s in range(1, 11)]  # steps 5 and 10 keep their loss
+    assert [(r["step"], r["teacher_tokens"]) for r in m["eval"]] == [(0, 0), (5, 500), (10, 1000)]
+    # the plotted data: every training step on the train curves, the eval points on their own
+    loss = _panel(learning_panels(m), "loss").lines[0]
+    assert loss.xs == list(range(1, 11)) and loss.ys == [1.0 / s for s in range(1, 11)]
+    train_k1, _, held_out = _panel(learning_panels(m), "reverse_kl").lines
+    assert train_k1.xs == list(range(1, 11)) and held_out.xs == [0, 5, 10]
+    assert _panel(learning_panels(m), "eval_k3").lines[0].xs == [0, 5, 10]
+    assert "teacher_tokens" not in [p.name for p in learning_panels(m)]  # a position, not an eval metric
+    by_tokens = learning_panels(m, "teacher_tokens")
+    assert _panel(by_tokens, "eval_reverse_kl").lines[0].xs == [0, 500, 1000]
+    assert _panel(by_tokens, "loss").lines[0].xs == [100 * s for s in range(1, 11)]
+    res = write_report(d)
+    md = res["report"].read_text()
+    assert "re-logged" not in md and res["stats"]["duplicate_steps"] == 0
+    assert "10 training steps (1–10), 3 eval points" in md
+    assert "| `teacher_tokens` |" not in md
+
+
+def test_step_time_is_not_a_phase(tmp_path):
+    """time_step_s is the whole step: the phases' shares are of it (what they leave is "other"), never doubled."""
+    d = _write(tmp_path / "run", _trainer_rows(4, every=2))
+    bars = _panel(step_panels(load_metrics(d / "metrics.jsonl")), "time_breakdown").bars
+    assert list(bars) == ["rollout", "teacher", "loss", "backward + step", "weight sync", "other"]
+    assert bars["other"] == pytest.approx([0.5] * 4)
+    assert [sum(v[i] for v in bars.values()) for i in range(4)] == pytest.approx([2.5] * 4)
+    res = write_report(d)
+    share = res["stats"]["phase_share_pct"]
+    assert share == pytest.approx({"rollout": 40.0, "teacher": 20.0, "loss": 4.0, "backward + step": 12.0,
+                                   "weight sync": 4.0, "other": 20.0})
+    md = res["report"].read_text()
+    assert "| **total** | 2.5 | 100% |" in md and "| step |" not in md
 
 
 def test_unreadable_config_is_a_warning(tmp_path):

@@ -1,0 +1,111 @@
+"""The configuration's rules, one function per section: each yields ``(ok, message)`` pairs in order, and
+`opdx.config.validate` raises ``ConfigError(message)`` for the first one that is not ok. Adding a key's check is
+adding a ``yield`` to its section (the messages name the key and the fix).
+
+Types and the choices of string keys are checked earlier, when a value is set (`opdx.config.set_key`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+Rules = Iterator[tuple[bool, str]]
+
+
+def lora_targets_lm_head(targets) -> bool:
+    """Whether peft's module-name matching of ``target_modules`` (a name matches a module whose dotted path ends
+    with it) picks the output layer ``lm_head``."""
+    return any(str(t).rsplit(".", 1)[-1] == "lm_head" for t in (targets or ()))
+
+
+def loss_rules(cfg) -> Rules:
+    loss = cfg.loss
+    yield 0.0 <= loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {loss.beta}"
+    yield 0.0 <= loss.lmbda <= 1.0, f"loss.lmbda must be in [0, 1], got {loss.lmbda}"
+    yield loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}"
+    yield loss.sft_alpha >= 0, f"loss.sft_alpha must be >= 0, got {loss.sft_alpha}"
+    yield loss.topk >= 1, f"loss.topk must be >= 1, got {loss.topk}"
+    yield (not (loss.kind == "sft" and loss.lmbda > 0),
+           f"loss.kind=sft trains on teacher (loss.seq_kd=true) or dataset sequences, never on student samples: set "
+           f"loss.lmbda=0 (got {loss.lmbda})")
+    yield (not (loss.kind == "topk" and cfg.model.lora and lora_targets_lm_head(cfg.model.lora_target_modules)),
+           "loss.kind=topk computes the student's logits from the lm_head weight itself, which a LoRA adapter on "
+           "lm_head would bypass: drop lm_head from model.lora_target_modules (the adapters elsewhere are trained "
+           "through the hidden states), or use loss.kind=opd or gjsd")
+    yield (not (loss.fused_linear == "true" and cfg.deepspeed.zero_stage == 3),
+           "loss.fused_linear=true needs the student's lm_head weight unsharded: use deepspeed.zero_stage <= 2 or "
+           "loss.fused_linear=auto (falls back to full logits under ZeRO-3)")
+
+
+def model_rules(cfg) -> Rules:
+    yield cfg.model.source != "path" or bool(cfg.model.path), "model.source=path needs model.path=<student dir>"
+    yield (cfg.model.source != "path" or bool(cfg.teacher.path) or bool(cfg.teacher.server_url),
+           "model.source=path needs teacher.path=<teacher dir> (or teacher.server_url=<vllm serve url>)")
+
+
+def rollout_rules(cfg) -> Rules:
+    r = cfg.rollout
+    yield r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}"
+    yield 0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}"
+    yield r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}"
+    yield (0 <= r.min_new_tokens <= r.max_new_tokens,
+           f"rollout.min_new_tokens must be in [0, rollout.max_new_tokens={r.max_new_tokens}], got {r.min_new_tokens}")
+    if r.engine != "vllm":
+        yield (not r.server_url, "rollout.server_url is set but rollout.engine=hf; set rollout.engine=vllm "
+                                 "rollout.mode=server to use it")
+        yield not r.sleep, "rollout.sleep=true needs rollout.engine=vllm"
+        return
+    if r.mode == "server":
+        yield bool(r.server_url), ("rollout.mode=server needs rollout.server_url=http://HOST:PORT (the student's "
+                                   "`vllm serve`, see the README's vLLM section)")
+        yield bool(r.sync_dir), ("rollout.mode=server needs rollout.sync_dir=<dir> readable by the vllm serve "
+                                 "process (the student weights are written there after each step)")
+    yield (0.0 < r.gpu_memory_utilization <= 1.0,
+           f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
+    yield (r.tensor_parallel_size == 1,
+           f"rollout.tensor_parallel_size={r.tensor_parallel_size} is not supported yet: the colocated engine runs "
+           "one vLLM per training rank (tensor_parallel_size=1); use rollout.mode=server for a sharded student server")
+    yield r.max_model_len >= 0, f"rollout.max_model_len must be >= 0, got {r.max_model_len}"
+    yield (r.timeout > 0 and r.max_retries >= 0 and r.max_concurrency >= 1,
+           "rollout.timeout must be > 0, rollout.max_retries >= 0 and rollout.max_concurrency >= 1")
+
+
+def teacher_rules(cfg) -> Rules:
+    """A server teacher (teacher.server_url) gives token logprobs and top-k at temperature 1, nothing more."""
+    t = cfg.teacher
+    if not t.server_url:
+        return
+    yield cfg.loss.kind != "gjsd", ("loss.kind=gjsd needs full teacher logits, which teacher.server_url cannot give; "
+                                    "use loss.kind=opd or topk with a server teacher, or unset teacher.server_url")
+    yield (abs(cfg.loss.temperature - 1.0) < 1e-12,
+           f"teacher.server_url needs loss.temperature=1 (vLLM's prompt logprobs are at temperature 1), got "
+           f"{cfg.loss.temperature}")
+    yield not cfg.loss.tail, ("loss.tail=true needs the teacher's full-vocab logsumexp, which teacher.server_url "
+                              "cannot give; set loss.tail=false")
+    yield not t.deepspeed, "teacher.deepspeed=true wraps a local teacher; it cannot be combined with teacher.server_url"
+    yield (t.timeout > 0 and t.max_retries >= 0 and t.max_concurrency >= 1,
+           "teacher.timeout must be > 0, teacher.max_retries >= 0 and teacher.max_concurrency >= 1")
+
+
+def training_rules(cfg) -> Rules:
+    """train, optim, deepspeed, data, eval and save."""
+    ds, train = cfg.deepspeed, cfg.train
+    yield ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {ds.zero_stage}"
+    yield (ds.param_persistence_threshold >= -1,
+           f"deepspeed.param_persistence_threshold must be >= 0 (or -1: DeepSpeed's default), got "
+           f"{ds.param_persistence_threshold}")
+    yield train.max_steps >= 0, f"train.max_steps must be >= 0, got {train.max_steps}"
+    yield train.max_tokens >= 0, f"train.max_tokens must be >= 0, got {train.max_tokens}"
+    yield train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {train.micro_batch_size}"
+    yield train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {train.grad_accum}"
+    yield cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"
+    yield len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}"
+    yield cfg.data.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {cfg.data.max_prompt_len}"
+    yield cfg.eval.every >= 0 and cfg.save.every >= 0, "eval.every and save.every must be >= 0"
+
+
+# in the order the checks run: the values of one section first, then the combinations that involve others
+SECTION_RULES = (loss_rules, rollout_rules, training_rules, model_rules, teacher_rules)
+
+__all__ = ["SECTION_RULES", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules", "teacher_rules",
+           "training_rules"]
