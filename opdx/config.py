@@ -25,18 +25,19 @@ class ModelConfig:
 
     source: str = "demo"  # demo (SmolLM2-135M pair, built once) | tiny (random tiny pair) | path
     path: str = ""  # student directory when source=path
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    dtype: str = "float32"  # the student's weights and compute dtype
+    attn_implementation: str = "sdpa"  # transformers attention backend (flash_attention_2: GPU, the [gpu] extra)
     # padding-free scoring forwards (student and local teacher): the valid tokens of a batch as one [1, sum(len)]
     # sequence with restarting position_ids (opdx.packing); generation stays padded
     packed: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward (less memory)
     student_layers: int = 10  # demo: layers kept in the pruned student
     cache_dir: str = ""  # demo/tiny model cache ("" = ~/.cache/opdx or output_dir/models for tiny)
     lora: bool = False  # peft LoRA; save.final writes the adapter (final/adapter) and the merged model (final/)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    # module names (matched as peft does: a dotted path ending with the name) that get LoRA adapters
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -55,14 +56,14 @@ class TeacherConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (transformers generate on the live student) | vllm (opdx.rollout.vllm, the README's vLLM section)
+    engine: str = "hf"  # hf (transformers generate on the live student) | vllm (opdx.rollout.vllm, docs/rollouts.md)
     mode: str = "colocate"  # vllm: colocate (a vllm.LLM in each training process) | server (external vllm serve)
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # tokens generated per rollout at most (student and teacher generation)
     # student rollouts never stop before this many tokens (EOS suppressed until then); = max_new_tokens gives every
     # rollout the same length (throughput benchmarks: benchmarks/test_train_step.py)
     min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature of rollouts (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling of rollouts (1 = off)
     server_url: str = ""  # vllm server mode: the student's `vllm serve` (started with VLLM_SERVER_DEV_MODE=1)
     sync_dir: str = ""  # vllm: directory the student weights are written to for reload_weights (server: required)
     gpu_memory_utilization: float = 0.3  # vllm colocate on GPU: fraction of GPU memory vLLM may take
@@ -80,8 +81,8 @@ class LossConfig:
     # loss runs inside the lm_head's module call), LoRA unless lm_head is among model.lora_target_modules
     kind: str = "opd"
     beta: float = 0.5  # gjsd / topk: 0 = forward KL, 1 = reverse KL
-    temperature: float = 1.0
-    topk: int = 32
+    temperature: float = 1.0  # distillation temperature: both sides' logits are divided by it
+    topk: int = 32  # topk: teacher tokens per position (K)
     tail: bool = False  # topk: add the tail bucket log(1 - sum_K p)
     lmbda: float = 1.0  # probability that the student generates the batch (on-policy)
     seq_kd: bool = False  # when the student does not generate: teacher generates (True) or dataset response (False)
@@ -89,47 +90,47 @@ class LossConfig:
     normalize_reward: bool = True  # opd: normalize the per-token reward over valid tokens (mean/std)
     # fused lm_head + loss (opdx.ops.linear_*: never forms [N, V] logits) for opd and gjsd: auto = on when the
     # vocabulary is >= 65536 and the student's lm_head is whole (not ZeRO-3); topk always works on hidden states
-    fused_linear: str = "auto"  # auto | true | false
+    fused_linear: str = "auto"
 
 
 @dataclass
 class DataConfig:
     train: str = "examples/data/prompts_train.jsonl"  # JSONL file or HF dataset directory (load_from_disk)
-    eval: str = "examples/data/prompts_eval.jsonl"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
+    eval: str = "examples/data/prompts_eval.jsonl"  # held-out prompts (records with an "answer" are task items)
+    prompt_field: str = "prompt"  # record field holding the prompt
+    response_field: str = "response"  # record field holding the dataset response (seq source, sft)
     split: str = "train"  # split to use when a path is a DatasetDict
     chat_template: bool = True  # wrap the prompt as a user turn with the tokenizer's chat template
-    system_prompt: str = ""
+    system_prompt: str = ""  # system turn for the chat template ("" = none)
     max_prompt_len: int = 256  # tokens; a longer prompt is an error
     max_response_len: int = 128  # tokens of dataset responses kept (seq source)
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "outputs/demo"
-    seed: int = 0
-    max_steps: int = 30
+    output_dir: str = "outputs/demo"  # metrics.jsonl, TensorBoard events, report/, checkpoints/, final/
+    seed: int = 0  # prompt order, source draws and sampling
+    max_steps: int = 30  # optimizer steps
     micro_batch_size: int = 4  # prompts per rank per micro-step
-    grad_accum: int = 1
-    resume: bool = False
+    grad_accum: int = 1  # micro-steps per optimizer step
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints
     max_tokens: int = 0  # stop once this many teacher-scored tokens were trained on (0 = run max_steps)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 3
+    lr: float = 1e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 3  # linear warmup steps, then cosine decay to the last step
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # gradient-norm clipping (0 = off)
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
+    zero_stage: int = 0  # ZeRO stage 0-3 of the student's DeepSpeed engine
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     # ZeRO-3: parameters with at most this many elements are not partitioned (DeepSpeed's
     # stage3_param_persistence_threshold); -1 = DeepSpeed's default (1e5), 0 = partition every parameter
@@ -139,11 +140,11 @@ class DeepSpeedConfig:
 @dataclass
 class EvalConfig:
     every: int = 15  # 0 = only at step 0 and at the end
-    num_prompts: int = 32
+    num_prompts: int = 32  # held-out prompts evaluated (from data.eval)
     batch_size: int = 16  # per rank
     max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
-    temperature: float = 1.0
-    seed: int = 1234
+    temperature: float = 1.0  # sampling temperature of the student's eval samples
+    seed: int = 1234  # sampling seed of the eval (the same samples at every eval)
     task: bool = True  # greedy task accuracy on the eval records that have an "answer" (opdx.data_eval)
     at_start: bool = True  # evaluate the initial student at step 0
 
@@ -157,8 +158,8 @@ class SaveConfig:
 
 @dataclass
 class LogConfig:
-    progress: bool = True
-    tensorboard: bool = True
+    progress: bool = True  # tqdm progress bar on rank 0
+    tensorboard: bool = True  # TensorBoard events under output_dir/tb
     plot: bool = True  # end of run: opdx.report curves + report.md under output_dir/report/
     per_rank_sources: bool = False  # each rank writes its per-step source draw to sources_rank{r}.jsonl
 

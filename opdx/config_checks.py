@@ -57,7 +57,7 @@ def rollout_rules(cfg) -> Rules:
         return
     if r.mode == "server":
         yield bool(r.server_url), ("rollout.mode=server needs rollout.server_url=http://HOST:PORT (the student's "
-                                   "`vllm serve`, see the README's vLLM section)")
+                                   "`vllm serve`, see docs/rollouts.md)")
         yield bool(r.sync_dir), ("rollout.mode=server needs rollout.sync_dir=<dir> readable by the vllm serve "
                                  "process (the student weights are written there after each step)")
     yield (0.0 < r.gpu_memory_utilization <= 1.0,

@@ -13,7 +13,7 @@ through the first EOS, vLLM's sampling logprobs of the sampled tokens, finish re
     platform supports it (CUDA); asking for it elsewhere is an error.
 
 ``rollout.mode: server``
-    An external ``VLLM_SERVER_DEV_MODE=1 vllm serve <student dir> ...`` (the README's vLLM section). Rollouts are token-in /
+    An external ``VLLM_SERVER_DEV_MODE=1 vllm serve <student dir> ...`` (docs/rollouts.md). Rollouts are token-in /
     token-out ``/v1/completions`` calls (``return_token_ids``, ``logprobs=0``); after each step rank 0 writes the
     gathered student weights as safetensors to ``sync_dir`` (a directory the server can read) and calls
     ``POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": sync_dir}}``.

@@ -8,7 +8,7 @@ log p(. | x_<j) plus the actual token x_j (so k or k + 1 entries; position 0 is 
 - ``topk``: the teacher's top-k ids and log-probs (ranks 1..k, full-vocab normalized) at every trained target,
   plus the target's logprob (the metrics' reverse-KL estimate).
 
-Start the server (see the README's vLLM section) with ``--max-logprobs >= loss.topk`` (checked at start with a clear error) and
+Start the server (see docs/rollouts.md) with ``--max-logprobs >= loss.topk`` (checked at start with a clear error) and
 ``--no-enable-prefix-caching``: with prefix caching a cached prefix would have no logits and so no prompt logprobs
 (vLLM 0.32 skips cache reads for requests that ask for prompt logprobs, older versions did not; this client also
 checks that every position came back).
