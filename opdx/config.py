@@ -182,7 +182,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
+# the only values these string keys accept (checked when a key is set; the type column of docs/training.md)
+CHOICES = {
     "model.source": ("demo", "tiny", "path"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
@@ -285,8 +286,8 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     coerced = _coerce(key, _field_type(sub, name), value)
     if key in _LOWERCASE:  # YAML reads `true` as a bool: accept True/true/TRUE for the string choices
         coerced = coerced.lower()
-    if key in _CHOICES and coerced not in _CHOICES[key]:
-        raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in _CHOICES[key])}, got {coerced!r}")
+    if key in CHOICES and coerced not in CHOICES[key]:
+        raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in CHOICES[key])}, got {coerced!r}")
     setattr(sub, name, coerced)
 
 

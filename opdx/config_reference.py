@@ -86,7 +86,7 @@ def reference() -> str:
         for f in dataclasses.fields(sub):
             key = f"{section.name}.{f.name}"
             meaning = meanings.get(cls.__name__, {}).get(f.name, "")
-            kind = " \\| ".join(_default(c) for c in config._CHOICES[key]) if key in config._CHOICES else f.type
+            kind = " \\| ".join(_default(c) for c in config.CHOICES[key]) if key in config.CHOICES else f.type
             md.append(f"| `{key}` | {kind} | {_default(getattr(sub, f.name))} | {_cell(meaning)} |")
         md.append("")
     return "\n".join(md)

@@ -72,3 +72,21 @@ def test_shipped_configs_parse():
     assert files
     for f in files:
         assert isinstance(load_config(f), Config)
+
+
+def test_every_rule_section_runs():
+    """A new `*_rules` function in opdx/config_checks.py only checks anything once it is in SECTION_RULES."""
+    import inspect
+
+    from opdx import config_checks
+
+    sections = {name for name, fn in inspect.getmembers(config_checks, inspect.isfunction) if name.endswith("_rules")}
+    assert sections == {fn.__name__ for fn in config_checks.SECTION_RULES}
+
+
+def test_first_broken_rule_is_reported():
+    """Rules run section by section in order: with two bad loss values the first one's message comes back."""
+    with pytest.raises(ConfigError, match=r"^loss.beta must be in \[0, 1\], got 2.0$"):
+        load_config(None, ["loss.beta=2", "loss.lmbda=-1"])
+    with pytest.raises(ConfigError, match=r"^loss.lmbda must be in \[0, 1\], got -1.0$"):
+        load_config(None, ["loss.lmbda=-1", "train.max_steps=-1"])
