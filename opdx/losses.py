@@ -243,7 +243,7 @@ def opd_is_loss(student_logp: torch.Tensor, sampler_logp: torch.Tensor, teacher_
         clipped = ratio.clamp(1.0 - is_clip, 1.0 + is_clip) * advantage
         clipped_active = (clipped < objective) & mask
         objective = torch.where(clipped_active, clipped, objective)  # = min(ρ·A, clip(ρ)·A)
-    loss = -objective.masked_fill(~mask, 0.0).sum() / n
+    loss = -objective.sum() / n  # masked tokens hold ρ = 1, A = 0
     k1, k3, _, _ = reverse_kl_estimates(student_logp, teacher_logp, mask)
     with torch.no_grad():
         stats = {"k1": float(k1), "k3": float(k3), "is_ratio_mean": float(ratio.masked_fill(~mask, 0.0).sum() / n),
