@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,11 @@ class LossConfig:
     seq_kd: bool = False  # when the student does not generate: teacher generates (True) or dataset response (False)
     sft_alpha: float = 0.0  # weight of cross-entropy on non-student sequences
     normalize_reward: bool = True  # opd: normalize the per-token reward over valid tokens (mean/std)
+    # importance-sampled opd (opdx.losses.opd_is_loss): advantage = -kl_coef * (sampler logp - teacher logp) of the
+    # sampled token, optionally summed over later tokens with weight discount^k; ratio exp(logp_train - logp_sampler)
+    kl_coef: float = 1.0
+    discount: float = 0.0  # 0 = per-token advantage, 1 = undiscounted sum over the rest of the completion
+    is_clip: float | None = None  # PPO clip ε of the importance ratio (e.g. 0.2); null = no clipping
     # fused lm_head + loss (opdx.ops.linear_*: never forms [N, V] logits) for opd and gjsd: auto = on when the
     # vocabulary is >= 65536 and the student's lm_head is whole (not ZeRO-3); topk always works on hidden states
     fused_linear: str = "auto"  # auto | true | false
@@ -234,7 +240,26 @@ def _parse_bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key} must be a boolean (true/false), got {value!r}")
 
 
+_NULLS = ("", "null", "none", "~")
+
+
+def _optional_inner(typ):
+    """X for an ``X | None`` (``Optional[X]``) annotation, else None."""
+    if typing.get_origin(typ) not in (typing.Union, types.UnionType):
+        return None
+    inner = [a for a in typing.get_args(typ) if a is not type(None)]
+    return inner[0] if len(inner) == 1 and len(typing.get_args(typ)) == 2 else None
+
+
 def _coerce(key: str, typ, value: Any) -> Any:
+    inner = _optional_inner(typ)
+    if inner is not None:  # `key=null` / `none` / YAML `~` -> None, anything else typed as X
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULLS):
+            return None
+        try:
+            return _coerce(key, inner, value)
+        except ConfigError:
+            raise ConfigError(f"{key} must be of type {inner.__name__} or null, got {value!r}") from None
     origin = typing.get_origin(typ) or typ
     try:
         if typ is bool:
@@ -338,11 +363,31 @@ def lora_targets_lm_head(targets) -> bool:
     return any(str(t).rsplit(".", 1)[-1] == "lm_head" for t in (targets or ()))
 
 
+def _validate_opd_and_generation(cfg: Config) -> None:
+    """The importance-sampled opd keys (loss.kl_coef, loss.discount, loss.is_clip) and eval.max_new_tokens
+    (rollout.max_new_tokens >= 1 is checked by `validate`)."""
+    loss = cfg.loss
+    checks = (
+        (loss.kl_coef >= 0, f"loss.kl_coef must be >= 0 (the advantage's coefficient), got {loss.kl_coef}"),
+        (0.0 <= loss.discount <= 1.0,
+         f"loss.discount must be in [0, 1] (0 = per-token advantage), got {loss.discount}"),
+        (loss.is_clip is None or loss.is_clip > 0,
+         f"loss.is_clip must be > 0 (the PPO clip ε of the importance ratio, e.g. 0.2) or null for no clipping, "
+         f"got {loss.is_clip}"),
+        (cfg.eval.max_new_tokens >= 0,
+         f"eval.max_new_tokens must be >= 1, or 0 for rollout.max_new_tokens, got {cfg.eval.max_new_tokens}"),
+    )
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
 def validate(cfg: Config) -> None:
     def need(cond: bool, msg: str):
         if not cond:
             raise ConfigError(msg)
 
+    _validate_opd_and_generation(cfg)
     need(0.0 <= cfg.loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
     need(0.0 <= cfg.loss.lmbda <= 1.0, f"loss.lmbda must be in [0, 1], got {cfg.loss.lmbda}")
     need(cfg.loss.temperature > 0, f"loss.temperature must be > 0, got {cfg.loss.temperature}")
