@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,11 @@ class LossConfig:
     seq_kd: bool = False  # when the student does not generate: teacher generates (True) or dataset response (False)
     sft_alpha: float = 0.0  # weight of cross-entropy on non-student sequences
     normalize_reward: bool = True  # opd: normalize the per-token reward over valid tokens (mean/std)
+    # importance-sampled opd (opdx.losses.opd_is_loss): advantage = -kl_coef * (sampler logp - teacher logp) of the
+    # sampled token, optionally summed over later tokens with weight discount^k; ratio exp(logp_train - logp_sampler)
+    kl_coef: float = 1.0
+    discount: float = 0.0  # 0 = per-token advantage, 1 = undiscounted sum over the rest of the completion
+    is_clip: float | None = None  # PPO clip ε of the importance ratio (e.g. 0.2); null = no clipping
     # fused lm_head + loss (opdx.ops.linear_*: never forms [N, V] logits) for opd and gjsd: auto = on when the
     # vocabulary is >= 65536 and the student's lm_head is whole (not ZeRO-3); topk always works on hidden states
     fused_linear: str = "auto"
@@ -238,7 +244,26 @@ def _parse_bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key} must be a boolean (true/false), got {value!r}")
 
 
+_NULLS = ("", "null", "none", "~")
+
+
+def _optional_inner(typ):
+    """X for an ``X | None`` (``Optional[X]``) annotation, else None."""
+    if typing.get_origin(typ) not in (typing.Union, types.UnionType):
+        return None
+    inner = [a for a in typing.get_args(typ) if a is not type(None)]
+    return inner[0] if len(inner) == 1 and len(typing.get_args(typ)) == 2 else None
+
+
 def _coerce(key: str, typ, value: Any) -> Any:
+    inner = _optional_inner(typ)
+    if inner is not None:  # `key=null` / `none` / YAML `~` -> None, anything else typed as X
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULLS):
+            return None
+        try:
+            return _coerce(key, inner, value)
+        except ConfigError:
+            raise ConfigError(f"{key} must be of type {inner.__name__} or null, got {value!r}") from None
     origin = typing.get_origin(typ) or typ
     try:
         if typ is bool:

@@ -25,6 +25,11 @@ def loss_rules(cfg) -> Rules:
     yield loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}"
     yield loss.sft_alpha >= 0, f"loss.sft_alpha must be >= 0, got {loss.sft_alpha}"
     yield loss.topk >= 1, f"loss.topk must be >= 1, got {loss.topk}"
+    yield loss.kl_coef >= 0, f"loss.kl_coef must be >= 0 (the advantage's coefficient), got {loss.kl_coef}"
+    yield 0.0 <= loss.discount <= 1.0, f"loss.discount must be in [0, 1] (0 = per-token advantage), got {loss.discount}"
+    yield (loss.is_clip is None or loss.is_clip > 0,
+           f"loss.is_clip must be > 0 (the PPO clip ε of the importance ratio, e.g. 0.2) or null for no clipping, "
+           f"got {loss.is_clip}")
     yield (not (loss.kind == "sft" and loss.lmbda > 0),
            f"loss.kind=sft trains on teacher (loss.seq_kd=true) or dataset sequences, never on student samples: set "
            f"loss.lmbda=0 (got {loss.lmbda})")
@@ -102,6 +107,8 @@ def training_rules(cfg) -> Rules:
     yield len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}"
     yield cfg.data.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {cfg.data.max_prompt_len}"
     yield cfg.eval.every >= 0 and cfg.save.every >= 0, "eval.every and save.every must be >= 0"
+    yield (cfg.eval.max_new_tokens >= 0,
+           f"eval.max_new_tokens must be >= 1, or 0 for rollout.max_new_tokens, got {cfg.eval.max_new_tokens}")
 
 
 # in the order the checks run: the values of one section first, then the combinations that involve others

@@ -1,4 +1,5 @@
-"""Scoring of checkable prompts (records with a non-null `answer` in examples/data/prompts_*.jsonl).
+"""Scoring of checkable prompts (records with a non-null `answer` in examples/data/prompts_*.jsonl), and quality
+statistics of generated token ids (`repeat_frac`, `completion_stats`: length, stop rate, repetition).
 
 `score_answer(completion, answer)` is deliberately a little lenient about form and strict about content:
 
@@ -20,7 +21,7 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["score_answer", "normalize_answer", "load_prompt_records", "accuracy"]
+__all__ = ["score_answer", "normalize_answer", "load_prompt_records", "accuracy", "repeat_frac", "completion_stats"]
 
 _END_MARKERS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<|end|>")
 _WRAPPERS = "\"'`*_“”‘’«»()[]{}<>"
@@ -115,3 +116,31 @@ def accuracy(completions: Iterable[str], answers: Iterable[str | None]) -> tuple
     """(fraction correct, number scored) over the pairs whose answer is not None."""
     scored = [score_answer(c, a) for c, a in zip(completions, answers, strict=True) if a is not None]
     return (sum(scored) / len(scored) if scored else float("nan")), len(scored)
+
+
+def repeat_frac(token_ids, n: int = 4) -> float:
+    """Share of repeated n-grams in one completion: (#n-grams − #distinct n-grams) / #n-grams; 0 for fewer than
+    ``n`` tokens. A repetition loop drives it towards 1; text without a repeated n-gram gives 0."""
+    if n < 1:
+        raise ValueError(f"repeat_frac: n must be >= 1, got {n}")
+    ids = list(token_ids)
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        return 0.0
+    return (len(grams) - len(set(grams))) / len(grams)
+
+
+def completion_stats(completions, eos_ids, *, n: int = 4) -> dict:
+    """Over lists of generated token ids (each cut after its first EOS, as `RolloutBatch.completions()` gives them):
+    ``response_len`` (mean tokens, EOS included), ``stop_rate`` (fraction ending with an id in ``eos_ids``) and
+    ``repeat_frac`` (mean `repeat_frac` with n-grams of ``n``). NaN for each when there are no completions."""
+    eos = {int(eos_ids)} if isinstance(eos_ids, int) else {int(e) for e in eos_ids}
+    seqs = [list(c) for c in completions]
+    if not seqs:
+        nan = float("nan")
+        return {"response_len": nan, "stop_rate": nan, "repeat_frac": nan}
+    return {
+        "response_len": sum(len(c) for c in seqs) / len(seqs),
+        "stop_rate": sum(bool(c) and int(c[-1]) in eos for c in seqs) / len(seqs),
+        "repeat_frac": sum(repeat_frac(c, n) for c in seqs) / len(seqs),
+    }

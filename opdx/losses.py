@@ -101,6 +101,7 @@ class GeneralizedJSDLoss(nn.Module):
 # `opdx.data.build_batch` for the one place labels are shifted):
 #
 # - `opd_loss`      reverse-KL REINFORCE on student samples (+ k1/k3 reverse-KL estimates)
+# - `opd_is_loss`   importance-sampled OPD with the sampler's logprobs (Tinker's recipe; optional discount, PPO clip)
 # - `gjsd_loss`     generalized JSD(beta) over the full vocabulary (opdx.ops.generalized_jsd)
 # - `topk_loss`     top-k renormalized KL from the teacher's top-k (opdx.ops.topk_kl on hidden states + lm_head)
 # - `sft_loss`      cross-entropy on non-student sequences (`loss.sft_alpha`)
@@ -174,3 +175,77 @@ def topk_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor
 def sft_loss(student_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-mean cross-entropy (negative log-likelihood) of the masked targets."""
     return -_masked_mean(student_logp.float(), mask.bool())
+
+
+def _check_opd_is_args(student_logp, sampler_logp, teacher_logp, mask, kl_coef, discount, is_clip) -> None:
+    shape = tuple(student_logp.shape)
+    for name, t in (("sampler_logp", sampler_logp), ("teacher_logp", teacher_logp), ("mask", mask)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"opd_is_loss: {name} has shape {tuple(t.shape)}, student_logp has {shape}; all four "
+                             "inputs must be [B, T] over the same (already shifted) target positions")
+    if student_logp.dim() != 2:
+        raise ValueError(f"opd_is_loss: inputs must be [B, T], got {student_logp.dim()}-D tensors of shape {shape}")
+    if not kl_coef >= 0:
+        raise ValueError(f"opd_is_loss: kl_coef must be >= 0, got {kl_coef}")
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"opd_is_loss: discount must be in [0, 1] (0 = per-token advantage), got {discount}")
+    if is_clip is not None and not is_clip > 0:
+        raise ValueError(f"opd_is_loss: is_clip must be > 0 (the PPO trust-region width ε) or None for no "
+                         f"clipping, got {is_clip}")
+
+
+def discounted_future_sum(values: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
+    """A_t = Σ_{u ≥ t} γ^{k_u − k_t}·a_u over the valid tokens u of the same row, where k counts valid tokens (gaps
+    in the mask do not decay the sum). [B, T] in, [B, T] out (0 at masked positions), no gradient.
+
+    Computed with one [B, T, T] weight tensor whose exponents are ≥ 0 (γ^k ∈ [0, 1]: no overflow or underflow of
+    the kind a γ^{−t}-scaled reverse cumulative sum would have)."""
+    with torch.no_grad():
+        mask = mask.bool()
+        values = values.masked_fill(~mask, 0.0)
+        if discount == 0.0:
+            return values
+        k = mask.to(values.dtype).cumsum(-1)  # valid-token index (1-based) at each position
+        steps = k[:, None, :] - k[:, :, None]  # [B, t, u] = k_u - k_t
+        n = values.shape[-1]
+        later = torch.ones(n, n, dtype=torch.bool, device=values.device).triu()  # u >= t
+        weights = torch.where(later & mask[:, None, :], torch.pow(discount, steps.clamp_min(0.0)), 0.0)
+        return (weights @ values[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+
+
+def opd_is_loss(student_logp: torch.Tensor, sampler_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                mask: torch.Tensor, *, kl_coef: float = 1.0, discount: float = 0.0, is_clip: float | None = None):
+    """Importance-sampled on-policy distillation (Tinker's recipe, DESIGN.md "OPD with importance sampling").
+
+    Inputs ``[B, T]``, already shifted and masked like `opd_loss`: ``student_logp`` = log π_θ(x_t) (with grad,
+    temperature 1), ``sampler_logp`` = q_t, the rollout engine's logprob of the sampled token, ``teacher_logp`` =
+    log π_T(x_t); ``mask`` marks the trained tokens.
+
+    Advantage a_t = −kl_coef·(q_t − log π_T(x_t)) (detached), discounted over the row's later valid tokens when
+    ``discount`` > 0 (`discounted_future_sum`). Ratio ρ_t = exp(log π_θ(x_t) − q_t); loss = −Σ_t ρ_t·A_t / n_valid.
+    At ρ = 1 the gradient is REINFORCE's −A·∇log π_θ / n_valid. ``is_clip`` = ε: PPO's pessimistic
+    min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) — a token with A > 0 stops pushing once ρ > 1+ε, one with A < 0 once ρ < 1−ε
+    (zero gradient there); inside the trust region (and on the other side of it) the unclipped term is kept.
+
+    Returns ``(loss, stats)``; stats (python floats, over valid tokens): k1, k3 (reverse-KL estimates of the trained
+    student vs the teacher), is_ratio_mean, is_clip_frac (tokens whose clipped term was the active one),
+    advantage_mean."""
+    _check_opd_is_args(student_logp, sampler_logp, teacher_logp, mask, kl_coef, discount, is_clip)
+    dt = torch.float64 if student_logp.dtype == torch.float64 else torch.float32
+    mask = mask.bool()
+    n = mask.sum().clamp_min(1)
+    sampler = sampler_logp.detach().to(dt)
+    advantage = discounted_future_sum(-kl_coef * (sampler - teacher_logp.detach().to(dt)), mask, discount)
+    ratio = torch.exp((student_logp.to(dt) - sampler).masked_fill(~mask, 0.0))
+    objective = ratio * advantage
+    clipped_active = torch.zeros_like(mask)
+    if is_clip is not None:
+        clipped = ratio.clamp(1.0 - is_clip, 1.0 + is_clip) * advantage
+        clipped_active = (clipped < objective) & mask
+        objective = torch.where(clipped_active, clipped, objective)  # = min(ρ·A, clip(ρ)·A)
+    loss = -objective.sum() / n  # masked tokens hold ρ = 1, A = 0
+    k1, k3, _, _ = reverse_kl_estimates(student_logp, teacher_logp, mask)
+    with torch.no_grad():
+        stats = {"k1": float(k1), "k3": float(k3), "is_ratio_mean": float(ratio.masked_fill(~mask, 0.0).sum() / n),
+                 "is_clip_frac": int(clipped_active.sum()) / int(n), "advantage_mean": float(advantage.sum() / n)}
+    return loss, stats

@@ -90,3 +90,51 @@ def test_first_broken_rule_is_reported():
         load_config(None, ["loss.beta=2", "loss.lmbda=-1"])
     with pytest.raises(ConfigError, match=r"^loss.lmbda must be in \[0, 1\], got -1.0$"):
         load_config(None, ["loss.lmbda=-1", "train.max_steps=-1"])
+
+
+def test_opd_is_keys_defaults_and_types():
+    loss = load_config().loss
+    assert loss.kl_coef == 1.0 and loss.discount == 0.0 and loss.is_clip is None
+    cfg = load_config(None, ["loss.kl_coef=2", "loss.discount=0.9", "loss.is_clip=0.2"])
+    assert cfg.loss.kl_coef == 2.0 and isinstance(cfg.loss.kl_coef, float)
+    assert cfg.loss.discount == 0.9 and cfg.loss.is_clip == 0.2 and isinstance(cfg.loss.is_clip, float)
+    assert load_config(None, ["loss.is_clip=1"]).loss.is_clip == 1.0
+    assert isinstance(load_config(None, ["loss.is_clip=1"]).loss.is_clip, float)
+
+
+@pytest.mark.parametrize("text", ["null", "none", "None", "~", ""])
+def test_optional_float_accepts_null_spellings(text):
+    assert load_config(None, ["loss.is_clip=0.3", f"loss.is_clip={text}"]).loss.is_clip is None
+
+
+def test_optional_float_from_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("loss:\n  is_clip: 0.25\n")
+    assert load_config(str(p)).loss.is_clip == 0.25
+    p.write_text("loss:\n  is_clip: ~\n")
+    assert load_config(str(p), []).loss.is_clip is None
+    p.write_text("loss:\n  is_clip: null\n")
+    assert load_config(str(p), ["loss.is_clip=0.1"]).loss.is_clip == 0.1
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("loss.is_clip=abc", "loss.is_clip must be of type float or null"),
+    ("loss.is_clip=true", "loss.is_clip must be of type float or null"),
+    ("loss.kl_coef=-0.5", "loss.kl_coef must be >= 0"),
+    ("loss.kl_coef=.nan", "loss.kl_coef must be >= 0"),
+    ("loss.discount=1.5", "loss.discount must be in [0, 1]"),
+    ("loss.discount=-0.1", "loss.discount must be in [0, 1]"),
+    ("loss.is_clip=0", "loss.is_clip must be > 0"),
+    ("loss.is_clip=-0.2", "loss.is_clip must be > 0"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be >= 1"),
+    ("eval.max_new_tokens=-1", "eval.max_new_tokens must be >= 1, or 0"),
+])
+def test_opd_is_and_generation_length_errors(override, fragment):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert fragment in str(exc.value)
+
+
+def test_opd_is_and_generation_length_edges_are_valid():
+    cfg = load_config(None, ["loss.kl_coef=0", "loss.discount=1", "eval.max_new_tokens=0", "rollout.max_new_tokens=1"])
+    assert cfg.loss.kl_coef == 0.0 and cfg.loss.discount == 1.0 and cfg.eval.max_new_tokens == 0

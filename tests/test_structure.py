@@ -6,10 +6,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "opdx"
 
-# Known circle, outside this change's scope: the package's `make_rollout` imports `opdx.rollout.hf` lazily and
-# hf.py imports `RolloutBatch` from the package. Fix: hf.py imports it from `opdx.rollout.batch` (as vllm.py does);
-# then delete this entry (test_known_cycles_still_exist fails until it is deleted).
-KNOWN_CYCLES = [frozenset({"opdx.rollout", "opdx.rollout.hf"})]
 
 
 def module_names(package: Path) -> dict[str, tuple[Path, bool]]:
@@ -93,15 +89,9 @@ def test_no_import_cycles_at_module_level():
 def test_no_import_cycles_counting_imports_inside_functions():
     """A circle through a lazy import is still a circle in the design."""
     graph = import_graph(PACKAGE, lazy=True)
-    found = [c for c in cycles(graph) if c not in KNOWN_CYCLES]
+    found = cycles(graph)
     assert not found, "import circles in opdx/ (lazy imports counted): " + " | ".join(
         describe(graph, c) for c in found)
-
-
-def test_known_cycles_still_exist():
-    found = cycles(import_graph(PACKAGE, lazy=True))
-    fixed = [sorted(c) for c in KNOWN_CYCLES if c not in found]
-    assert not fixed, f"these known import circles are gone: delete them from KNOWN_CYCLES: {fixed}"
 
 
 def test_cycle_finder_sees_circles(tmp_path):

@@ -12,7 +12,9 @@ class RolloutBatch:
     sequences: torch.Tensor  # [B, P + T] left-padded prompts + right-padded completions
     prompt_lens: list  # true prompt lengths
     completion_mask: torch.Tensor  # [B, T] bool, generated tokens
-    sampling_logprobs: torch.Tensor | None  # [B, T] logprobs of the sampled tokens under the sampler, or None
+    # [B, T] the sampler's raw logprobs of the sampled tokens (temperature 1, all lm_head rows: what the trainer's
+    # forward computes, whatever the sampling temperature / top-p), 0 past the completion, or None
+    sampling_logprobs: torch.Tensor | None
     finish_reasons: list  # "stop" (EOS generated) | "length" (max_new_tokens reached)
     prompt_width: int = 0  # P
 

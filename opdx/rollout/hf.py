@@ -3,7 +3,8 @@
 Works on the live student module (DeepSpeed ZeRO 0-2: parameters are whole on every rank) and on ZeRO-3
 (parameters gathered layer by layer by DeepSpeed's hooks; ``synced_gpus=True`` keeps every rank stepping until all
 ranks are done so the collective gathers stay matched). Sampling is made deterministic by seeding a fresh RNG state
-per call (``seed``), which is what lets a killed-and-resumed run repeat its metrics.
+per call (``seed``), which is what lets a killed-and-resumed run repeat its metrics. The returned sampling
+logprobs come from generate's raw logits (``output_logits``), not from the processed sampling scores.
 """
 
 from __future__ import annotations
@@ -11,11 +12,26 @@ from __future__ import annotations
 import torch
 
 from opdx.data import completion_mask
-from opdx.rollout import RolloutBatch
+from opdx.rollout.batch import RolloutBatch
 
 
 def _unwrap(model):
     return getattr(model, "module", model)  # DeepSpeed engine -> module
+
+
+def _sampled_raw_logprobs(step_logits, completions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """[B, T] temperature-1 logprobs of the sampled tokens over all lm_head rows, from generate's raw per-step
+    logits (before temperature, top-p, suppress_tokens, min_new_tokens): the distribution the trainer's forward
+    computes and vLLM reports (raw_logprobs), so exp(logp_train - logp_sampler) is an importance ratio. 0 where
+    ``mask`` is False; None when nothing was generated."""
+    if not step_logits:
+        return None
+    if len(step_logits) != completions.shape[1]:
+        raise RuntimeError(f"generate returned {len(step_logits)} logit steps for {completions.shape[1]} new tokens")
+    tokens = completions.to(step_logits[0].device)
+    logps = [torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, s, None]).squeeze(-1)
+             for s, logits in enumerate(step_logits)]  # one [B, V] step at a time: never a [B, T, V] copy
+    return torch.stack(logps, 1).cpu().masked_fill(~mask, 0.0)
 
 
 class HFRollout:
@@ -49,7 +65,7 @@ class HFRollout:
             attn[i, width - len(p):] = 1
         do_sample = temperature > 0
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
-                      pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
+                      pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True,
                       synced_gpus=self.synced_gpus, use_cache=True)
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = min(self.min_new_tokens, max_new_tokens)
@@ -72,11 +88,7 @@ class HFRollout:
         seqs = out.sequences.cpu()
         comp = seqs[:, width:]
         mask = completion_mask(comp, self.eos_ids)
-        logps = None
-        if out.scores:
-            scores = torch.stack([s.float().cpu() for s in out.scores], 1)[:, :comp.shape[1]]  # processed logits
-            logps = torch.log_softmax(scores, -1).gather(-1, comp[:, :scores.shape[1], None]).squeeze(-1)
-            logps = logps.masked_fill(~mask[:, :logps.shape[1]], 0.0)
+        logps = _sampled_raw_logprobs(out.logits, comp, mask)
         finish = ["stop" if bool(mask[i].any()) and int(comp[i, int(mask[i].sum()) - 1]) in self.eos_ids
                   else "length" for i in range(len(prompts))]
         return RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, finish, width)
