@@ -624,7 +624,8 @@ def check_tokenizers_compatible(student_tok, teacher_tok) -> None:
         if (a, ai) != (b, bi):
             raise ValueError(f"tokenizers are incompatible: {attr} is {a!r} (id {ai}) in the student tokenizer "
                              f"but {b!r} (id {bi}) in the teacher tokenizer")
-    s_special, t_special = sorted(map(str, student_tok.all_special_tokens)), sorted(map(str, teacher_tok.all_special_tokens))
+    s_special = sorted(map(str, student_tok.all_special_tokens))
+    t_special = sorted(map(str, teacher_tok.all_special_tokens))
     if s_special != t_special:
         diff = sorted(set(s_special) ^ set(t_special))
         raise ValueError(f"tokenizers are incompatible: special tokens differ ({diff[:5]}); student "

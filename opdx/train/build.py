@@ -354,17 +354,17 @@ def build_engines(cfg: Config, device, data: Data) -> Trainer:
         vocab = vocab_size(data.tokenizer, base_model(student), teacher_model)
     check_topk_student(cfg, student)
     fused = resolve_fused_linear(cfg, vocab, student)
+    objective = make_objective(cfg, vocab, fused=fused)
     engine = init_engine(cfg, student)
     if teacher_model is not None:
-        teacher = wrap_local_teacher(cfg, teacher_model, fused_linear=fused)
+        teacher = wrap_local_teacher(cfg, teacher_model, fused_linear=objective.signal_spec().hidden)
     _announce(cfg, engine, vocab, fused)
     rollout = make_rollout(cfg, engine.module, data.tokenizer, eos_ids=data.eos_ids, pad_id=data.pad_id,
                            synced_gpus=cfg.deepspeed.zero_stage == 3 and world() > 1, vocab_size=vocab,
                            student_dir=data.student_dir)
     sampler = Sampler(len(data.train_prompts), cfg.train.micro_batch_size, world_size=world(), rank=rank(),
                       seed=cfg.train.seed)
-    return Trainer(cfg, device, data, engine, teacher, rollout, make_objective(cfg, vocab, fused=fused), sampler,
-                   vocab)
+    return Trainer(cfg, device, data, engine, teacher, rollout, objective, sampler, vocab)
 
 
 def resume(t: Trainer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from opdx.config import Config
@@ -11,6 +13,9 @@ from opdx.train.distributed import all_reduce_sum, rank, world
 from opdx.train.objectives import SignalSpec, teacher_signal, token_stats
 from opdx.train.scoring import completion_keep, student_logits
 from opdx.train.sources import step_seed
+
+if TYPE_CHECKING:
+    from opdx.train.build import Trainer
 
 TOP1 = SignalSpec("topk", topk=1)  # token logprobs + the teacher's argmax
 
@@ -88,8 +93,8 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
     return out
 
 
-def eval_record(t, step: int) -> dict:
-    """The metrics.jsonl record of one evaluation of trainer ``t`` (opdx.train.build.Trainer)."""
+def eval_record(t: Trainer, step: int) -> dict:
+    """The metrics.jsonl record of one evaluation (at ``step``)."""
     d = t.data
     return {"step": step, "teacher_tokens": t.teacher_tokens,
             **evaluate(t.cfg, t.rollout, t.teacher, t.engine.module, d.eval_prompts, vocab=t.vocab, pad_id=d.pad_id,

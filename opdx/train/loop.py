@@ -64,8 +64,8 @@ def train_step(t: Trainer, step: int, sources_log: SourcesLog) -> dict:
             with timed("loss", times, t.device):
                 mismatch = cfg.rollout.engine == "vllm" and seqs.rollout is not None \
                     and seqs.rollout.sampling_logprobs is not None
-                loss, stats = t.objective(t.engine, seqs.batch, signal, source, rollout=seqs.rollout,
-                                          raw_logp=mismatch)
+                loss, stats = t.objective.compute(t.engine, seqs.batch, signal, source, rollout=seqs.rollout,
+                                                  raw_logp=mismatch)
                 if mismatch:
                     s, c = rollout_mismatch_sums(seqs.rollout, stats)
                     sums.mismatch, sums.mismatch_tokens = sums.mismatch + s, sums.mismatch_tokens + c

@@ -5,6 +5,7 @@
     signal = teacher_signal(teacher, batch, spec, vocab)
     view = objective.student_view(engine, batch)         # how the student is scored (opdx.train.scoring)
     loss, stats = objective.loss(view, signal, batch, source, rollout=None)
+    # or both steps at once: objective.compute(engine, batch, signal, source, rollout=None, raw_logp=False)
 
 ``rollout`` is the student's `RolloutBatch` when it generated the sequences (its ``sampling_logprobs`` are the
 rollout engine's per-token logprobs, for objectives that correct for the sampler). Every objective adds the
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from opdx.config import Config
+from opdx.data import Batch
 from opdx.losses import opd_loss, reverse_kl_estimates, sft_loss, topk_loss
 from opdx.train.scoring import student_view
 
@@ -26,8 +28,8 @@ from opdx.train.scoring import student_view
 @dataclass(frozen=True)
 class SignalSpec:
     """What the teacher must return: ``"token_logprobs"`` (of the targets), ``"logits"`` (full rows at the trained
-    positions, or hidden states + lm_head rows when ``hidden``), or ``"topk"`` (top-k ids/logprobs + token
-    logprobs)."""
+    positions), or ``"topk"`` (top-k ids/logprobs + token logprobs). ``hidden``: the teacher scores from its final
+    hidden states and lm_head rows (opdx.ops.linear_*) and returns those instead of [N, V] logits."""
 
     returns: str
     temperature: float = 1.0
@@ -52,7 +54,7 @@ class TokenStats:
     k1_sum: float
     k3_sum: float
     n: float
-    batch: object
+    batch: Batch
     student_logp: torch.Tensor | None = None
     top1_agree: float | None = None
 
@@ -96,15 +98,16 @@ class Objective:
     def loss(self, view, signal, batch, source: str, rollout=None):
         raise NotImplementedError
 
-    def _finish(self, view, signal, loss, s_logp, sft: bool):
+    def _finish(self, view, signal, loss, s_logp, sft: bool, t_logp=None):
         """+ the sft term (``s_logp`` with grad), and the statistics."""
         if sft:
             loss = loss + self.loss_cfg.sft_alpha * sft_loss(s_logp, view.mask)
-        t_logp = view.teacher_token_logprobs(signal, self.temperature)
+        if t_logp is None:
+            t_logp = view.teacher_token_logprobs(signal, self.temperature)
         raw = view.raw_logprobs() if view.want_raw else None
         return loss, token_stats(s_logp, t_logp, view.mask, view.batch, student_logp=raw)
 
-    def __call__(self, engine, batch, signal, source: str, *, rollout=None, raw_logp: bool = False):
+    def compute(self, engine, batch, signal, source: str, *, rollout=None, raw_logp: bool = False):
         """Score the student and compute the loss on one batch: (loss tensor, TokenStats)."""
         view = self.student_view(engine, batch, raw_logp=raw_logp)
         return self.loss(view, signal, batch, source, rollout=rollout)
@@ -119,7 +122,7 @@ class OPD(Objective):
         s_logp = view.token_logprobs(self.temperature)
         t_logp = view.teacher_token_logprobs(signal, self.temperature)
         loss = opd_loss(s_logp, t_logp, view.mask, normalize=self.loss_cfg.normalize_reward)[0]
-        return self._finish(view, signal, loss, s_logp, self.wants_sft(source))
+        return self._finish(view, signal, loss, s_logp, self.wants_sft(source), t_logp)
 
 
 class SFT(Objective):
@@ -190,7 +193,7 @@ def distill_step(cfg: Config, engine, batch, signal, vocab: int, source: str, *,
                  raw_logp: bool = False):
     """Student forward + the configured loss on one batch: (loss tensor, stats dict with k1_sum / k3_sum / n,
     ``batch`` cut to the scored target positions and, with ``raw_logp``, ``student_logp`` [B, T])."""
-    loss, stats = make_objective(cfg, vocab, fused=fused)(engine, batch, signal, source, raw_logp=raw_logp)
+    loss, stats = make_objective(cfg, vocab, fused=fused).compute(engine, batch, signal, source, raw_logp=raw_logp)
     return loss, stats.as_dict()
 
 
