@@ -1,4 +1,4 @@
-"""One student forward + backward through `opdx.train.distill_step` (loss.kind=opd), padded vs model.packed=true, on a
+"""One student forward + backward through `opdx.train.objectives.distill_step` (loss.kind=opd), padded vs model.packed=true, on a
 batch with very uneven lengths.
 
     python benchmarks/packed_student.py [--model ~/.cache/opdx/student_L10] [--rows 8] [--min-len 20] [--max-len 300]
@@ -43,7 +43,7 @@ def main():
     from opdx.config import load_config
     from opdx.data import build_batch
     from opdx.teacher import TeacherSignal
-    from opdx.train import distill_step
+    from opdx.train.objectives import distill_step
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=args.attn)
     model.config.use_cache = False

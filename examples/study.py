@@ -12,7 +12,7 @@ constant learning rate; only the data source and the loss change:
     kd_seq        off-policy (lmbda=0)  the same JSD beta=0.5 on teacher-generated responses (seq_kd)
     sft_seq       off-policy (lmbda=0)  cross-entropy on the same teacher-generated responses
 
-Held-out metrics (opdx.train.evaluate, on examples/data/prompts_eval.jsonl): teacher-scored reverse KL of student
+Held-out metrics (opdx.train.evaluate.evaluate, on examples/data/prompts_eval.jsonl): teacher-scored reverse KL of student
 samples, top-1 agreement with the teacher on those samples, and greedy task accuracy on the checkable prompts. The
 initial student and the teacher itself are evaluated once as references.
 

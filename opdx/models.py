@@ -517,6 +517,42 @@ def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype | str, attn_im
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _gathered(params, zero3: bool) -> Iterator[None]:
+    """Under ZeRO-3, the partitioned ``params`` gathered (read-only) for the block; otherwise nothing."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if zero3 and params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def _lora_layers(base: Any) -> dict[str, Any]:
+    """The peft LoRA layers of ``base`` by module name."""
+    return {name: m for name, m in base.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "get_base_layer") and hasattr(m, "get_delta_weight")}
+
+
+def _merged_lora_params(name: str, m: Any, zero3: bool) -> dict[str, torch.Tensor]:
+    """The base layer's parameters of the LoRA layer ``m`` with its active adapters added, out of place."""
+    layer = m.get_base_layer()
+    with _gathered(list(m.parameters()), zero3), torch.no_grad():
+        merged = {pn: p.detach().clone() for pn, p in layer.named_parameters(recurse=False)}
+        for adapter in m.active_adapters:
+            if adapter not in m.lora_A or adapter in getattr(m, "merged_adapters", ()):
+                continue
+            if getattr(m, "lora_variant", {}).get(adapter) is not None or \
+                    getattr(m, "use_dora", {}).get(adapter, False):
+                raise NotImplementedError(f"merging the LoRA variant of {name} (e.g. DoRA) out of place")
+            merged["weight"] += m.get_delta_weight(adapter).to(merged["weight"].dtype)
+            if getattr(m, "lora_bias", {}).get(adapter, False):
+                merged["bias"] += (m.lora_B[adapter].bias * m.scaling[adapter]).to(merged["bias"].dtype)
+    return merged
+
+
 def iter_merged_weights(model: Any, device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every entry of the plain transformers state dict of ``model`` (a causal LM, a
     peft model around one, or a DeepSpeed engine around either): full tensors, LoRA adapters merged into their base
@@ -531,24 +567,8 @@ def iter_merged_weights(model: Any, device: torch.device | str | None = None) ->
     model = getattr(model, "module", model)  # DeepSpeed engine
     peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
-    lora_layers = {}
-    if peft:
-        for name, m in base.named_modules():
-            if hasattr(m, "lora_A") and hasattr(m, "get_base_layer") and hasattr(m, "get_delta_weight"):
-                lora_layers[name] = m
+    lora_layers = _lora_layers(base) if peft else {}
     zero3 = any(hasattr(p, "ds_id") for p in base.parameters())
-
-    @contextlib.contextmanager
-    def gathered(params):
-        params = [p for p in params if hasattr(p, "ds_id")]
-        if zero3 and params:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield
-        else:
-            yield
-
     state = base.state_dict(keep_vars=True)
     uses = Counter(id(t) for t in state.values())
     seen: dict[int, torch.Tensor] = {}  # tensors under several names (tied weights), yielded as one tensor
@@ -556,30 +576,15 @@ def iter_merged_weights(model: Any, device: torch.device | str | None = None) ->
     for key, t in state.items():
         owner = next((n for n in lora_layers if key.startswith(n + ".")), None)
         if owner is not None:
-            if owner in done_layers:
-                continue
-            done_layers.add(owner)
-            m = lora_layers[owner]
-            layer = m.get_base_layer()
-            with gathered(list(m.parameters())):
-                with torch.no_grad():
-                    merged = {pn: p.detach().clone() for pn, p in layer.named_parameters(recurse=False)}
-                    for adapter in m.active_adapters:
-                        if adapter not in m.lora_A or adapter in getattr(m, "merged_adapters", ()):
-                            continue
-                        if getattr(m, "lora_variant", {}).get(adapter) is not None or \
-                                getattr(m, "use_dora", {}).get(adapter, False):
-                            raise NotImplementedError(f"merging the LoRA variant of {owner} (e.g. DoRA) out of place")
-                        merged["weight"] += m.get_delta_weight(adapter).to(merged["weight"].dtype)
-                        if getattr(m, "lora_bias", {}).get(adapter, False):
-                            merged["bias"] += (m.lora_B[adapter].bias * m.scaling[adapter]).to(merged["bias"].dtype)
-            for pn, v in merged.items():
-                yield f"{owner}.{pn}", v.to(device) if device is not None else v
+            if owner not in done_layers:
+                done_layers.add(owner)
+                for pn, v in _merged_lora_params(owner, lora_layers[owner], zero3).items():
+                    yield f"{owner}.{pn}", v.to(device) if device is not None else v
             continue
         if id(t) in seen:
             yield key, seen[id(t)]
             continue
-        with gathered([t]):
+        with _gathered([t], zero3):
             v = t.detach().to(device, copy=True) if device is not None else t.detach().clone()
         if uses[id(t)] > 1:
             seen[id(t)] = v
@@ -619,7 +624,8 @@ def check_tokenizers_compatible(student_tok, teacher_tok) -> None:
         if (a, ai) != (b, bi):
             raise ValueError(f"tokenizers are incompatible: {attr} is {a!r} (id {ai}) in the student tokenizer "
                              f"but {b!r} (id {bi}) in the teacher tokenizer")
-    s_special, t_special = sorted(map(str, student_tok.all_special_tokens)), sorted(map(str, teacher_tok.all_special_tokens))
+    s_special = sorted(map(str, student_tok.all_special_tokens))
+    t_special = sorted(map(str, teacher_tok.all_special_tokens))
     if s_special != t_special:
         diff = sorted(set(s_special) ^ set(t_special))
         raise ValueError(f"tokenizers are incompatible: special tokens differ ({diff[:5]}); student "

@@ -174,7 +174,7 @@ class _Engine:
 
 def _step(cfg, student, teacher_model, batch, source, fused):
     from opdx.teacher.local import LocalTeacher
-    from opdx.train import distill_step
+    from opdx.train.objectives import distill_step
 
     teacher = LocalTeacher(teacher_model, fused_linear=fused, packed=cfg.model.packed)
     signal = teacher.score(batch, cfg.loss.kind, vocab_size=VOCAB, temperature=cfg.loss.temperature,
@@ -266,7 +266,7 @@ def test_eval_packed_matches_padded(llama):
     """The held-out eval (seeded student samples; teacher and student score them) gives the same metrics packed."""
     from opdx.rollout.hf import HFRollout
     from opdx.teacher.local import LocalTeacher
-    from opdx.train import evaluate
+    from opdx.train.evaluate import evaluate
 
     tok, student = llama["tok"], llama["student"]
     prompts = [tok("hello world " * (1 + 3 * i))["input_ids"] for i in range(4)]

@@ -45,9 +45,9 @@ def _overrides(tiny, out, *extra):
             f"data.train={tiny['train']}", f"data.eval={tiny['eval']}", f"train.output_dir={out}", *extra]
 
 
-def _cmd(nproc, args):
+def _cmd(nproc, args, entry=("-m", "opdx.train")):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(29500 + os.getpid() % 1000), "-m", "opdx.train", "--config", TINY, *args]
+            str(29500 + os.getpid() % 1000), *entry, "--config", TINY, *args]
 
 
 def torchrun(tiny, out, *extra, nproc=2, timeout=240, env_extra=None):
@@ -159,7 +159,7 @@ def _same_run(a, b, *, rel):
 
 @pytest.mark.skipif(not _has_op("topk_kl"), reason="opdx.ops.topk_kl not merged yet")
 def test_topk_zero3_matches_zero0(tiny, tmp_path):
-    """loss.kind=topk on a ZeRO-3 student: the loss runs inside the lm_head's module call (opdx.train.lm_head_call),
+    """loss.kind=topk on a ZeRO-3 student: the loss runs inside the lm_head's module call (opdx.train.scoring.lm_head_call),
     so the partitioned weight is gathered for the forward, re-gathered for the backward and its gradient
     reduce-scattered. Same losses and final weights as ZeRO-0 (fp32; dataset sequences, so the batches do not
     depend on sampling; an sft term through the lm_head's own forward; the ZeRO-3 run packed)."""
@@ -231,10 +231,10 @@ def test_sigkill_and_resume_reproduce_metrics(tiny, tmp_path):
     want = metrics(ref)
 
     out = tmp_path / "killed"
-    env = _env()
-    env["OPDX_TEST_HANG_AFTER_STEP"] = "3"  # the run parks after step 3 (checkpoint step_2 complete, step 3 logged)
-    p = subprocess.Popen(_cmd(2, _overrides(tiny, out, *steps)), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    # tests/hang_train.py: the run parks after step 3 (checkpoint step_2 complete, step 3 logged)
+    hang = (str(Path(__file__).with_name("hang_train.py")), "3")
+    p = subprocess.Popen(_cmd(2, _overrides(tiny, out, *steps), entry=hang), env=_env(), cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 200
         while time.time() < deadline:
@@ -267,7 +267,7 @@ def test_sigkill_and_resume_reproduce_metrics(tiny, tmp_path):
 
 # --------------------------------------------------------------------------------------------- bad input
 def _main_err(capsys, *args):
-    from opdx.train import main
+    from opdx.train.loop import main
 
     capsys.readouterr()
     rc = main(list(args))

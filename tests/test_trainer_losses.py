@@ -1,7 +1,8 @@
 import torch
 
 from opdx.losses import opd_loss, reverse_kl_estimates, sft_loss
-from opdx.train import draw_source, lr_lambda
+from opdx.train.build import lr_lambda
+from opdx.train.sources import draw_source
 
 
 def test_opd_loss_matches_manual_and_grad():

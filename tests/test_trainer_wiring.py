@@ -63,7 +63,8 @@ def test_config_accepts_wiring_keys():
 
 
 def test_vllm_not_importable_is_a_one_line_config_error(monkeypatch, capsys):
-    from opdx.train import check_runtime, main
+    from opdx.train.build import check_runtime
+    from opdx.train.loop import main
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     with pytest.raises(ConfigError) as e:
@@ -82,7 +83,7 @@ def test_vllm_not_importable_is_a_one_line_config_error(monkeypatch, capsys):
 
 
 def test_server_teacher_unreachable_is_a_config_error():
-    from opdx.train import build_server_teacher
+    from opdx.train.build import build_server_teacher
 
     cfg = load_config(TINY, ["teacher.server_url=http://127.0.0.1:9", "teacher.timeout=0.5", "teacher.max_retries=0"])
     with pytest.raises(ConfigError, match="teacher.server_url=http://127.0.0.1:9: .*connection failed"):
@@ -142,7 +143,7 @@ def test_hf_rollout_min_new_tokens(models):
 
 
 def test_resolve_fused_linear(models):
-    from opdx.train import FUSED_AUTO_MIN_VOCAB, resolve_fused_linear
+    from opdx.train.build import FUSED_AUTO_MIN_VOCAB, resolve_fused_linear
 
     s = models["student"]
     assert not resolve_fused_linear(load_config(TINY, []), 512, s)
@@ -177,7 +178,7 @@ def _batch(vocab, seed):
 
 def _run(cfg, student, teacher_model, batch, vocab, source, fused):
     from opdx.teacher.local import LocalTeacher
-    from opdx.train import distill_step
+    from opdx.train.objectives import distill_step
 
     teacher = LocalTeacher(teacher_model, fused_linear=fused)
     signal = teacher.score(batch, cfg.loss.kind, vocab_size=vocab, temperature=cfg.loss.temperature,
@@ -202,7 +203,7 @@ def _run(cfg, student, teacher_model, batch, vocab, source, fused):
     (["loss.kind=sft", "loss.lmbda=0", "loss.seq_kd=true"], "teacher"),
 ])
 def test_fused_linear_matches_logits_path(models, overrides, source, fresh_seed):
-    from opdx.train import aligned_vocab_size
+    from opdx.models import aligned_vocab_size
 
     cfg = load_config(TINY, overrides)
     student, teacher = models["student"], models["teacher"]
@@ -233,7 +234,7 @@ def test_fused_teacher_token_logprobs_match(models, fresh_seed):
 
 
 def test_sft_kind_is_cross_entropy_of_the_targets(models, fresh_seed):
-    from opdx.train import aligned_vocab_size
+    from opdx.models import aligned_vocab_size
 
     cfg = load_config(TINY, ["loss.kind=sft", "loss.lmbda=0", "loss.sft_alpha=0.7"])  # sft_alpha is not added twice
     student, teacher = models["student"], models["teacher"]
@@ -250,7 +251,8 @@ def test_sft_kind_is_cross_entropy_of_the_targets(models, fresh_seed):
 def test_evaluate_top1_agreement_and_task_accuracy(models):
     from opdx.rollout.hf import HFRollout
     from opdx.teacher.local import LocalTeacher
-    from opdx.train import aligned_vocab_size, evaluate
+    from opdx.models import aligned_vocab_size
+    from opdx.train.evaluate import evaluate
 
     tok, student = models["tok"], models["student"]
     vocab = aligned_vocab_size(tok, student, models["teacher"])
@@ -302,7 +304,9 @@ def test_topk_lora_trains_adapters_through_hidden_states(models, overrides, sour
     through the hidden states; loss and gradients equal the reference top-k KL on the peft model's full logits."""
     from opdx.ops.reference import topk_kl_from_logits
     from opdx.teacher.local import LocalTeacher
-    from opdx.train import aligned_vocab_size, check_topk_student, distill_step
+    from opdx.models import aligned_vocab_size
+    from opdx.train.build import check_topk_student
+    from opdx.train.objectives import distill_step
 
     cfg = load_config(TINY, overrides + ["model.lora=true"])
     student = _peft_student(models["s_dir"], ["q_proj", "v_proj"])
@@ -335,7 +339,7 @@ def test_topk_lora_trains_adapters_through_hidden_states(models, overrides, sour
 def test_topk_lora_on_lm_head_is_a_config_error(models):
     """An lm_head that is itself a LoRA target would be bypassed by the top-k loss (plain weight rows): refused at
     start (validate catches the name; check_topk_student the wrapped module, whatever the target pattern)."""
-    from opdx.train import check_topk_student
+    from opdx.train.build import check_topk_student
 
     cfg = load_config(TINY, ["loss.kind=topk", "model.lora=true"])
     with pytest.raises(ConfigError, match="lm_head is wrapped by peft"):
@@ -346,7 +350,7 @@ def test_topk_lora_on_lm_head_is_a_config_error(models):
 def test_lm_head_call_runs_the_module_hooks(models):
     """lm_head_call routes one call of the lm_head module to a function: forward pre/post hooks (what DeepSpeed
     ZeRO-3 uses to gather/release the weight) see it, and the module's own forward is back afterwards."""
-    from opdx.train import lm_head_call
+    from opdx.train.scoring import lm_head_call
 
     head = models["student"].get_output_embeddings()
     seen = []

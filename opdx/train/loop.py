@@ -1,0 +1,162 @@
+"""The step loop of `torchrun -m opdx.train`: set-up in `build` (opdx.train.build), then per step
+
+    prompts -> source draw (rank 0, broadcast) -> sequences -> teacher signal -> objective -> backward/step
+            -> sync rollout weights -> log / eval / checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from opdx.config import Config, ConfigError, load_config
+from opdx.train.build import Trainer, build
+from opdx.train.checkpoint import save_checkpoint, save_final
+from opdx.train.distributed import all_reduce_sum, barrier, destroy, rank, single_process_env, world
+from opdx.train.evaluate import eval_record
+from opdx.train.logging import Logger, Progress, SourcesLog, timed, write_summary
+from opdx.train.objectives import rollout_mismatch_sums, teacher_signal
+from opdx.train.sources import draw_source_synced, make_sequences, step_seed
+
+DESCRIPTION = "The on-policy distillation trainer."
+
+
+@dataclass
+class StepSums:
+    """What one optimizer step adds up over its micro-batches (then over the ranks)."""
+
+    loss: float = 0.0
+    k1: float = 0.0
+    k3: float = 0.0
+    tokens: float = 0.0
+    response_tokens: float = 0.0
+    sequences: float = 0.0
+    mismatch: float = 0.0  # sum of |Δlogp| between the rollout engine's and the trainer's logprobs
+    mismatch_tokens: float = 0.0
+
+    def add(self, loss, stats, batch) -> None:
+        self.loss += float(loss.detach())
+        self.k1, self.k3, self.tokens = self.k1 + stats.k1_sum, self.k3 + stats.k3_sum, self.tokens + stats.n
+        self.response_tokens += sum(batch.completion_lens)
+        self.sequences += len(batch.completion_lens)
+
+    def all_reduce(self) -> StepSums:
+        return StepSums(*all_reduce_sum(list(vars(self).values())))
+
+
+def train_step(t: Trainer, step: int, sources_log: SourcesLog) -> dict:
+    """One optimizer step over train.grad_accum micro-batches; returns its metrics record."""
+    cfg, times, sums, sources = t.cfg, {}, StepSums(), []
+    with timed("step", times, t.device):
+        for micro in range(cfg.train.grad_accum):
+            idx = t.sampler.next_batch()  # same order on resume
+            source = draw_source_synced(cfg, step, micro)  # one draw, broadcast from rank 0
+            sources.append(source)
+            sources_log.write(step, micro, source)
+            with timed("rollout", times, t.device):
+                seqs = make_sequences(t, idx, source, seed=step_seed(cfg.train.seed, step, micro, rank()))
+            with timed("teacher", times, t.device):
+                signal = teacher_signal(t.teacher, seqs.batch, t.objective.signal_spec(), t.vocab)
+            with timed("loss", times, t.device):
+                mismatch = cfg.rollout.engine == "vllm" and seqs.rollout is not None \
+                    and seqs.rollout.sampling_logprobs is not None
+                loss, stats = t.objective.compute(t.engine, seqs.batch, signal, source, rollout=seqs.rollout,
+                                                  raw_logp=mismatch)
+                if mismatch:
+                    s, c = rollout_mismatch_sums(seqs.rollout, stats)
+                    sums.mismatch, sums.mismatch_tokens = sums.mismatch + s, sums.mismatch_tokens + c
+            with timed("backward", times, t.device):
+                t.engine.backward(loss)
+                t.engine.step()
+            sums.add(loss, stats, seqs.batch)
+        with timed("sync", times, t.device):
+            t.rollout.sync_weights(t.engine)  # vLLM engines load the new student weights (HF: nothing to do)
+        sums = sums.all_reduce()
+    t.teacher_tokens += int(sums.tokens)
+    return step_record(t, step, sums, times, sources)
+
+
+def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: list[str]) -> dict:
+    """The metrics.jsonl record of a training step (the keys opdx.report and the tests read)."""
+    ntok, dt = sums.tokens, times["step"]
+    record = {
+        "step": step,
+        "loss": sums.loss / (world() * t.cfg.train.grad_accum),
+        "reverse_kl": sums.k1 / max(ntok, 1),
+        "reverse_kl_k3": sums.k3 / max(ntok, 1),
+        "lr": t.engine.get_lr()[0],
+        "tokens": int(ntok),
+        "teacher_tokens": t.teacher_tokens,
+        "tokens_per_s": ntok / max(dt, 1e-9),
+        "time_step_s": dt,
+        **{f"time_{k}_s": times.get(k, 0.0) for k in ("rollout", "teacher", "loss", "backward")},
+        "time_train_s": times.get("loss", 0.0) + times.get("backward", 0.0),
+        "time_sync_s": times["sync"],
+        "response_len": sums.response_tokens / max(sums.sequences, 1),
+        "source": sources[0] if len(set(sources)) == 1 else ",".join(sources),
+    }
+    if sums.mismatch_tokens:  # mean |Δlogp| between vLLM's sampling logprobs and the trainer's (temperature-1) own
+        record["rollout_logprob_mismatch"] = sums.mismatch / sums.mismatch_tokens
+    return record
+
+
+def run(cfg: Config) -> dict:
+    t_start = time.time()
+    t = build(cfg)
+    out_dir = Path(cfg.train.output_dir)
+    logger = Logger(cfg, t.start_step)
+    if rank() == 0:
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources_log, bar = SourcesLog(cfg, t.start_step), Progress(cfg, t.start_step)
+    if t.start_step == 0 and cfg.eval.at_start:
+        logger.log(eval_record(t, 0))
+    setup_s = time.time() - t_start
+    last = {}
+    for step in range(t.start_step + 1, cfg.train.max_steps + 1):
+        last = train_step(t, step, sources_log)
+        logger.log(last)
+        bar.update(last)
+        budget_spent = bool(cfg.train.max_tokens) and t.teacher_tokens >= cfg.train.max_tokens
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps or budget_spent:
+            logger.log(eval_record(t, step))
+        if cfg.save.every and step % cfg.save.every == 0:
+            save_checkpoint(cfg, t.engine, step, t.sampler, t.teacher_tokens)
+        if budget_spent:  # train.max_tokens: the same number of teacher-scored tokens for every run of a study
+            if rank() == 0:
+                print(f"opdx.train: train.max_tokens={cfg.train.max_tokens} reached at step {step} "
+                      f"({t.teacher_tokens} teacher-scored tokens)", flush=True)
+            break
+    bar.close()
+    sources_log.close()
+    if cfg.save.final:
+        save_final(cfg, t.engine, t.data.tokenizer, out_dir / "final")
+    logger.close()
+    summary = write_summary(cfg, logger, last, start_step=t.start_step, teacher_tokens=t.teacher_tokens,
+                            wall_s=time.time() - t_start, setup_s=setup_s)
+    barrier()
+    return summary
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="opdx.train", description=DESCRIPTION)
+    p.add_argument("--config", default=None, help="YAML config (defaults: the embedded demo)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.kind=gjsd loss.beta=0.5")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    single_process_env()
+    try:
+        run(load_config(args.config, args.overrides))
+    except ConfigError as exc:
+        if rank() == 0:
+            print(f"opdx.train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    destroy()
+    return 0
