@@ -15,9 +15,10 @@ chat template, same system prompt). Each output line is one sample and is direct
      "sample": <0..n-1>, "prompt_hash": <sha256 prefix of the templated prompt ids and its occurrence>,
      "topk_ids": [[K ids] per response token], "topk_logprobs": [[K values] per token]}   # with --logprobs K
 
-``topk_*`` are the teacher's full-vocabulary log-softmax (temperature 1, unprocessed by top-p / temperature) top-K
-at each response position, sorted descending, rounded to 1e-6: HF computes them with one teacher-forced forward of
-the chunk (`opdx.teacher.local.LocalTeacher`, the trainer's topk teacher), vLLM returns them with the samples.
+``topk_*`` are the teacher's log-softmax top-K at each response position (temperature 1, before top-p; padded
+vocabulary rows beyond the tokenizer excluded on the HF engine), sorted descending, ties to the smaller id, rounded
+to 1e-6: HF records them from the logits of each generation step (`opdx.rollout.hf.HFRollout(top_logprobs=K)`, no
+second forward), vLLM returns them with the samples (its raw logprobs).
 
 Work is the list of (prompt, sample) pairs in file order, cut into chunks of ``--batch-size``; chunk c is generated
 with seed ``seed * 1000003 + c`` on rank ``c % world``, so the result does not depend on the number of ranks (for
@@ -64,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system-prompt", default="")
     p.add_argument("--max-prompt-len", type=int, default=4096, help="longer prompts are an error")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--max-model-len", type=int, default=0, help="vLLM context length (0: the model's)")
     p.add_argument("--split", default="train", help="split of a HF dataset directory")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
@@ -121,36 +123,8 @@ def resolve_engine(engine: str) -> str:
     return "vllm" if ok else "hf"
 
 
-class Sampler:
-    """A rollout engine plus, for --logprobs on an engine that does not return them, the teacher-forced top-K."""
-
-    def __init__(self, rollout, *, teacher=None, topk: int = 0, vocab: int = 0, pad_id: int = 0, device=None):
-        self.rollout, self.teacher, self.topk, self.vocab, self.pad_id = rollout, teacher, topk, vocab, pad_id
-        self.device = device
-
-    def generate(self, prompts: list[list[int]], seed: int):
-        """(completion id lists, finish reasons, per-row (ids [T, K], logprobs [T, K]) or None)."""
-        rb = self.rollout.generate(prompts, seed=seed)
-        comps = rb.completions()
-        topk = rb.topk
-        if self.topk and topk is None:
-            topk = self._teacher_topk(prompts, comps)
-        return comps, rb.finish_reasons, topk
-
-    def _teacher_topk(self, prompts, comps):
-        from opdx.data import build_batch
-
-        batch = build_batch(prompts, comps, self.pad_id).to(self.device)
-        sig = self.teacher.score(batch, "topk", vocab_size=self.vocab, topk=self.topk)
-        ids, lps = sig.topk_ids.cpu(), sig.topk_logprobs.float().cpu()
-        out, start = [], 0
-        for c in comps:  # valid positions are row-major over (row, token)
-            out.append((ids[start:start + len(c)], lps[start:start + len(c)]))
-            start += len(c)
-        return out
-
-
-def build_sampler(args, engine: str, tok, *, eos_ids, pad_id, device) -> Sampler:
+def build_rollout(args, engine: str, tok, *, eos_ids, pad_id, device):
+    """The rollout engine (`RolloutBatch.topk` filled with --logprobs K): VLLMColocateRollout or HFRollout."""
     from opdx.models import aligned_vocab_size
 
     if engine == "vllm":
@@ -158,22 +132,24 @@ def build_sampler(args, engine: str, tok, *, eos_ids, pad_id, device) -> Sampler
 
         from opdx.rollout.vllm import VLLMColocateRollout
 
-        vocab = aligned_vocab_size(tok, AutoConfig.from_pretrained(args.model))
+        config = AutoConfig.from_pretrained(args.model)
+        vocab = aligned_vocab_size(tok, config)
+        if args.logprobs and config.vocab_size > vocab:
+            note(f"the model has {config.vocab_size} vocabulary rows for {vocab} tokenizer tokens: vLLM's top-K "
+                 "logprobs are normalized over all rows, the HF engine's (and the trainer's) over the tokenizer's")
         rollout = VLLMColocateRollout(args.model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, top_p=args.top_p, dtype=args.dtype,
                                       gpu_memory_utilization=0.9, seed=args.seed, vocab_size=vocab,
-                                      top_logprobs=args.logprobs)
-        return Sampler(rollout, topk=args.logprobs)
+                                      top_logprobs=args.logprobs, max_model_len=args.max_model_len or None)
+        return rollout
     from opdx.models import load_causal_lm
     from opdx.rollout.hf import HFRollout
-    from opdx.teacher.local import LocalTeacher
 
     model = load_causal_lm(args.model, dtype=args.dtype, device=device)
     vocab = aligned_vocab_size(tok, model)
     rollout = HFRollout(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, vocab_size=vocab)
-    teacher = LocalTeacher(model) if args.logprobs else None
-    return Sampler(rollout, teacher=teacher, topk=args.logprobs, vocab=vocab, pad_id=pad_id, device=device)
+                        temperature=args.temperature, top_p=args.top_p, vocab_size=vocab, top_logprobs=args.logprobs)
+    return rollout
 
 
 # ------------------------------------------------------------------------------------------------------ records
@@ -212,16 +188,17 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="sample", desc="generate", disable=not enabled, dynamic_ncols=True)
 
 
-def generate_shard(args, sampler, store, examples, prompts, hashes, mine, done, tok, eos_ids) -> tuple[int, int]:
+def generate_shard(args, rollout, store, examples, prompts, hashes, mine, done, tok, eos_ids) -> tuple[int, int]:
     """Generate this rank's unfinished chunks; returns (samples written, tokens generated)."""
     todo = [(c, items) for c, items in mine if any((hashes[i], s) not in done for i, s in items)]
     total = sum(sum((hashes[i], s) not in done for i, s in items) for _, items in todo)
     written = tokens = 0
     t0 = time.perf_counter()
-    with _progress(total, args.progress) as bar:
+    with _progress(total, args.progress and store.rank == 0) as bar:
         for c, items in todo:
-            comps, finish, topk = sampler.generate([prompts[i] for i, _ in items], seed=args.seed * SEED_STRIDE + c)
-            records = make_records(examples, hashes, items, comps, finish, topk, tok, eos_ids)
+            rb = rollout.generate([prompts[i] for i, _ in items], seed=args.seed * SEED_STRIDE + c)
+            records = make_records(examples, hashes, items, rb.completions(), rb.finish_reasons, rb.topk, tok,
+                                   eos_ids)
             keep = [r for r in records if (r["prompt_hash"], r["sample"]) not in done]
             store.write_chunk(c, keep)
             written += len(keep)
@@ -246,9 +223,9 @@ def run(args) -> int:
     mine = rank_chunks(chunks, rank, world)
     if any((hashes[i], s) not in done for _, items in mine for i, s in items):
         engine = resolve_engine(args.engine)
-        sampler = build_sampler(args, engine, tok, eos_ids=eos_ids, pad_id=pad_id, device=device)
+        rollout = build_rollout(args, engine, tok, eos_ids=eos_ids, pad_id=pad_id, device=device)
         t0 = time.perf_counter()
-        written, tokens = generate_shard(args, sampler, store, examples, prompts, hashes, mine, done, tok, eos_ids)
+        written, tokens = generate_shard(args, rollout, store, examples, prompts, hashes, mine, done, tok, eos_ids)
         dt = time.perf_counter() - t0
         note(f"rank {rank}: {written} samples, {tokens} tokens in {dt:.1f}s ({tokens / max(dt, 1e-9):.1f} tok/s, "
              f"engine {engine})")
@@ -266,7 +243,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError, UnicodeDecodeError) as exc:
+    except (ConfigError, FileNotFoundError, UnicodeDecodeError, ImportError) as exc:
         print(f"opdx.generate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

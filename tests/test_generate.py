@@ -74,7 +74,8 @@ def test_logprobs_match_teacher_forced_forward(tiny, tmp_path):
 
     k = 5
     out = tmp_path / "lp.jsonl"
-    assert main(_gen(tiny, out, "--logprobs", str(k), n=1, batch=3)) == 0
+    # sampled at temperature 0.7 / top-p 0.9: the stored logprobs are still the model's own (temperature 1, full)
+    assert main(_gen(tiny, out, "--logprobs", str(k), "--temperature", "0.7", "--top-p", "0.9", n=1, batch=3)) == 0
     tok = load_tokenizer(tiny["model"])
     model = load_causal_lm(tiny["model"], dtype=torch.float32)
     vocab = len(tok)
