@@ -106,21 +106,19 @@ def _init_distributed() -> tuple[int, int, torch.device]:
 
 
 # ------------------------------------------------------------------------------------------------------ engines
-def _have_vllm() -> tuple[bool, str]:
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # noqa: BLE001  (ImportError, or a broken install)
-        return False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return True, ""
-
-
 def resolve_engine(engine: str) -> str:
+    """auto -> vllm when it imports, else hf with a note."""
     if engine != "auto":
         return engine
-    ok, why = _have_vllm()
-    if not ok:
-        note(f"vLLM is not importable ({why}); generating with transformers (--engine hf)")
-    return "vllm" if ok else "hf"
+    from opdx.rollout.vllm import _import_vllm
+
+    try:
+        _import_vllm()
+    except ImportError as exc:
+        note(f"vLLM is not importable ({str(exc).split('importing it failed: ')[-1]}); generating with "
+             "transformers (--engine hf)")
+        return "hf"
+    return "vllm"
 
 
 def build_rollout(args, engine: str, tok, *, eos_ids, pad_id, device):

@@ -200,3 +200,14 @@ def test_bad_model_and_output_exit_2(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(_gen(tiny, tmp_path / "o.jsonl", "--n", "0"))
     assert exc.value.code == 2
+
+
+def test_auto_engine_falls_back_to_hf_with_a_note(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    out = tmp_path / "auto.jsonl"
+    argv = _gen(tiny, out, n=1)
+    argv[argv.index("--engine") + 1] = "auto"
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "vLLM is not importable" in err and "(--engine hf)" in err and "engine hf" in err
+    assert len(_read(out)) == 10
