@@ -13,6 +13,7 @@ chat template, same system prompt). Each output line is one sample and is direct
      "prompt": <the prompt text, untemplated>, "response": <the generated text, without the final EOS>,
      "response_ids": [...generated ids, through the EOS...], "finish_reason": "stop" | "length",
      "sample": <0..n-1>, "prompt_hash": <sha256 prefix of the templated prompt ids and its occurrence>,
+     "generation": {"model": <dir name>, "max_new_tokens", "temperature", "top_p", "seed", "logprobs"},
      "topk_ids": [[K ids] per response token], "topk_logprobs": [[K values] per token]}   # with --logprobs K
 
 ``topk_*`` are the teacher's log-softmax top-K at each response position (temperature 1, before top-p; padded
@@ -23,7 +24,8 @@ second forward), vLLM returns them with the samples (its raw logprobs).
 Work is the list of (prompt, sample) pairs in file order, cut into chunks of ``--batch-size``; chunk c is generated
 with seed ``seed * 1000003 + c`` on rank ``c % world``, so the result does not depend on the number of ranks (for
 the HF engine on a deterministic device) nor on where an earlier run was interrupted: a rerun skips every chunk
-whose samples are all in the output and regenerates the others whole, keeping only the missing samples.
+whose samples are all in the output and regenerates the others whole, keeping only the missing samples. A resume
+with another model or other sampling settings (``generation``) is an error.
 Storage and merging: `opdx.generate_store`.
 
 Engine ``auto`` = vLLM when it imports, else HF with a note. Bad input (a missing ``prompt`` field, non-UTF-8,
@@ -45,7 +47,10 @@ from opdx.generate_store import SampleStore, note, prompt_hashes
 
 SEED_STRIDE = 1000003
 # fields this module writes (dropped from the input's extra fields when a generated file is the --data)
-GENERATED_FIELDS = ("response_ids", "finish_reason", "sample", "prompt_hash", "topk_ids", "topk_logprobs")
+GENERATED_FIELDS = ("response_ids", "finish_reason", "sample", "prompt_hash", "topk_ids", "topk_logprobs",
+                    "generation")
+# what a resume must share with the run that wrote the file (the prompt hash covers template and system prompt)
+SETTINGS = ("max_new_tokens", "temperature", "top_p", "seed", "logprobs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -155,7 +160,21 @@ def _rounded(t: torch.Tensor) -> list:
     return (torch.round(t.double() * 1e6) / 1e6).tolist()
 
 
-def make_records(examples, hashes, items, comps, finish, topk, tok, eos_ids) -> list[dict]:
+def generation_settings(args) -> dict:
+    return {"model": os.path.basename(os.path.normpath(args.model)), **{k: getattr(args, k) for k in SETTINGS}}
+
+
+def check_resume_settings(store: SampleStore, settings: dict) -> None:
+    """A resumed output must come from the same model and sampling settings (else its samples would mix)."""
+    for path, rec in store.first_records():
+        old = rec.get("generation") or {}
+        diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise ConfigError(f"{path} was generated with {', '.join(diff)}: rerun with the same settings to "
+                              "resume it, or pass a new --out path")
+
+
+def make_records(examples, hashes, items, comps, finish, topk, tok, eos_ids, settings) -> list[dict]:
     records = []
     for row, (i, s) in enumerate(items):
         ids = comps[row]
@@ -165,6 +184,7 @@ def make_records(examples, hashes, items, comps, finish, topk, tok, eos_ids) -> 
                    response_ids=ids, finish_reason=finish[row], sample=s, prompt_hash=hashes[i])
         if topk is not None:
             rec.update(topk_ids=topk[row][0].tolist(), topk_logprobs=_rounded(topk[row][1]))
+        rec["generation"] = settings
         records.append(rec)
     return records
 
@@ -196,7 +216,7 @@ def generate_shard(args, rollout, store, examples, prompts, hashes, mine, done, 
         for c, items in todo:
             rb = rollout.generate([prompts[i] for i, _ in items], seed=args.seed * SEED_STRIDE + c)
             records = make_records(examples, hashes, items, rb.completions(), rb.finish_reasons, rb.topk, tok,
-                                   eos_ids)
+                                   eos_ids, generation_settings(args))
             keep = [r for r in records if (r["prompt_hash"], r["sample"]) not in done]
             store.write_chunk(c, keep)
             written += len(keep)
@@ -218,6 +238,7 @@ def run(args) -> int:
     hashes = prompt_hashes(prompts)
     chunks = plan_chunks(len(prompts), args.n, args.batch_size)
     done = store.done_keys()
+    check_resume_settings(store, generation_settings(args))
     mine = rank_chunks(chunks, rank, world)
     if any((hashes[i], s) not in done for _, items in mine for i, s in items):
         engine = resolve_engine(args.engine)

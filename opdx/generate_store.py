@@ -108,6 +108,16 @@ class SampleStore:
     def done_keys(self) -> set[tuple[str, int]]:
         return {key for _, entries in self._sources() for key, _, _ in entries}
 
+    def first_records(self) -> list[tuple[str, dict]]:
+        """(file, its first record) of the merged file and every chunk file (to check the settings of a resume)."""
+        out = []
+        for path, entries in self._sources():
+            if entries:
+                with open(path, "rb") as f:
+                    f.seek(entries[0][1])
+                    out.append((path, json.loads(f.read(entries[0][2]))))
+        return out
+
     def write_chunk(self, chunk: int, records: list[dict]) -> str:
         """One chunk file, whole or not at all: temp file, fsync, atomic rename."""
         os.makedirs(self.parts, exist_ok=True)

@@ -60,6 +60,8 @@ def test_output_format_and_training_readback(tiny, tmp_path):
         assert r["finish_reason"] == ("stop" if ids[-1] == eos else "length")
         assert r["response"] == tok.decode(ids[:-1] if ids[-1] == eos else ids)
         assert "topk_ids" not in r
+        assert r["generation"] == {"model": "teacher", "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0,
+                                   "seed": 0, "logprobs": 0}
     assert all(rows[2 * i]["prompt_hash"] == rows[2 * i + 1]["prompt_hash"] for i in range(len(src)))
     assert len({r["prompt_hash"] for r in rows}) == len(src)
     assert len({tuple(r["response_ids"]) for r in rows}) > len(src)  # sampling: samples of a prompt differ
@@ -197,6 +199,11 @@ def test_bad_model_and_output_exit_2(tiny, tmp_path, capsys):
     foreign.write_text('{"prompt": "a", "response": "b"}\n')
     assert main(_gen(tiny, foreign)) == 2
     assert "not an opdx.generate output" in capsys.readouterr().err
+    ok = tmp_path / "ok.jsonl"
+    assert main(_gen(tiny, ok, n=1)) == 0
+    capsys.readouterr()
+    assert main(_gen(tiny, ok, "--temperature", "0.5", n=1)) == 2  # a resume must keep the sampling settings
+    assert "temperature=1.0 (now 0.5)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(_gen(tiny, tmp_path / "o.jsonl", "--n", "0"))
     assert exc.value.code == 2
