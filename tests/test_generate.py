@@ -113,7 +113,9 @@ def test_resume_after_torn_line(tiny, tmp_path, capsys):
     assert out.stat().st_mtime_ns == before and out.read_bytes() == data
 
 
-def test_resume_after_sigkill_mid_run(tiny, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+def test_resume_after_kill_mid_run(tiny, tmp_path, sig, code):
+    """SIGKILL, or Ctrl-C (exit 130 with a note), after the first chunk file: the rerun loses nothing."""
     prompts = write_prompts(str(tmp_path / "many.jsonl"), n=40)
     job = dict(tiny, prompts=prompts)
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
@@ -125,10 +127,13 @@ def test_resume_after_sigkill_mid_run(tiny, tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not list(parts.glob("*.jsonl")):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
     kept = sum(len(_read(p)) for p in parts.glob("*.jsonl"))
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    err = proc.stderr.read().decode()
+    assert proc.returncode == code, err[-2000:]
+    if sig == signal.SIGINT:
+        assert "interrupted: finished chunks are kept" in err
     assert 0 < kept < 40 and not out.exists()
     assert main(_gen(job, out, n=1, batch=2, max_new=24)) == 0
     assert main(_gen(job, ref, n=1, batch=2, max_new=24)) == 0
