@@ -48,9 +48,13 @@ def load_examples(path: str, *, prompt_field: str = "prompt", response_field: st
             ds = ds[split]
         rows = [dict(r) for r in ds]
     elif os.path.isfile(path):
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    raise ConfigError(f"{what} {path}:{lineno} is not UTF-8 text (byte {exc.start}: "
+                                      f"{raw[exc.start:exc.start + 1]!r}); re-save the file as UTF-8") from None
                 if not line:
                     continue
                 try:

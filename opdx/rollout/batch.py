@@ -17,6 +17,7 @@ class RolloutBatch:
     sampling_logprobs: torch.Tensor | None
     finish_reasons: list  # "stop" (EOS generated) | "length" (max_new_tokens reached)
     prompt_width: int = 0  # P
+    topk: list | None = None  # per row (ids [T, K], logprobs [T, K]) of the sampler's raw top-k, when asked for
 
     def completions(self) -> list[list[int]]:
         comp = self.sequences[:, self.prompt_width:]

@@ -37,8 +37,9 @@ def _sampled_raw_logprobs(step_logits, completions: torch.Tensor, mask: torch.Te
 class HFRollout:
     def __init__(self, model, *, eos_ids, pad_id: int, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, synced_gpus: bool = False, vocab_size: int | None = None,
-                 min_new_tokens: int = 0):
+                 min_new_tokens: int = 0, top_logprobs: int = 0):
         self.model = _unwrap(model)
+        self.top_logprobs = int(top_logprobs)  # > 0: RolloutBatch.topk holds the model's top-k logprobs per token
         self.min_new_tokens = int(min_new_tokens)  # EOS suppressed before this many tokens
         self.vocab_size = vocab_size  # ids >= vocab_size (padded embedding rows) are never sampled
         self.eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
@@ -77,6 +78,12 @@ class HFRollout:
             kwargs.update(temperature=float(temperature), top_p=float(self.top_p), top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        recorder = None
+        if self.top_logprobs:
+            from transformers import LogitsProcessorList
+
+            recorder = _TopKRecorder(self.top_logprobs)
+            kwargs["logits_processor"] = LogitsProcessorList([recorder])
         was_training = self.model.training
         self.model.eval()
         devices = [device] if device.type == "cuda" else []
@@ -91,4 +98,29 @@ class HFRollout:
         logps = _sampled_raw_logprobs(out.logits, comp, mask)
         finish = ["stop" if bool(mask[i].any()) and int(comp[i, int(mask[i].sum()) - 1]) in self.eos_ids
                   else "length" for i in range(len(prompts))]
-        return RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, finish, width)
+        batch = RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, finish, width)
+        if recorder is not None:
+            batch.topk = recorder.rows(mask.sum(1).tolist())
+        return batch
+
+
+class _TopKRecorder:
+    """A logits processor that records the top-k log-softmax of the logits it sees and changes nothing. transformers
+    runs user processors after its own masking ones (suppressed padded vocabulary rows, which this normalization
+    therefore excludes, like the trainer's vocabulary alignment) and before temperature / top-p."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.ids, self.values = [], []
+
+    def __call__(self, input_ids, scores):
+        from opdx.ops import teacher_topk
+
+        ids, lp, _ = teacher_topk(scores.float(), self.k)
+        self.ids.append(ids.cpu())
+        self.values.append(lp.cpu())
+        return scores
+
+    def rows(self, lengths):
+        ids, vals = torch.stack(self.ids, 1), torch.stack(self.values, 1)  # [B, T, k]
+        return [(ids[i, :n], vals[i, :n]) for i, n in enumerate(lengths)]

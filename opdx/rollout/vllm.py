@@ -74,8 +74,9 @@ class VLLMColocateRollout:
                  top_p: float = 1.0, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
                  tensor_parallel_size: int = 1, sleep: bool = False, max_model_len: int | None = None,
                  external_launcher: bool | None = None, seed: int = 0, vocab_size: int | None = None,
-                 sync_dir: str = "", min_new_tokens: int = 0, **llm_kwargs):
+                 sync_dir: str = "", min_new_tokens: int = 0, top_logprobs: int = 0, **llm_kwargs):
         vllm = _import_vllm()
+        self.top_logprobs = int(top_logprobs)  # > 0: RolloutBatch.topk holds vLLM's raw top-k logprobs per token
         self.min_new_tokens = int(min_new_tokens)  # stop tokens ignored before this many tokens (min_tokens)
         self.eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
         self.pad_id = int(pad_id)
@@ -140,7 +141,8 @@ class VLLMColocateRollout:
         sample = temperature > 0
         return [SamplingParams(n=1, max_tokens=max_new_tokens, temperature=float(temperature) if sample else 0.0,
                                top_p=float(self.top_p) if sample else 1.0,
-                               seed=int(seed) * 100003 + i, logprobs=0, stop_token_ids=list(self.eos_ids),
+                               seed=int(seed) * 100003 + i, logprobs=self.top_logprobs,
+                               stop_token_ids=list(self.eos_ids),
                                ignore_eos=False, skip_special_tokens=False, detokenize=False,
                                min_tokens=min(self.min_new_tokens, max_new_tokens), **extra)
                 for i in range(n_prompts)]
@@ -152,7 +154,7 @@ class VLLMColocateRollout:
         self._wake()
         params = self._sampling_params(len(prompts), seed, max_new_tokens, temperature)
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        comps, lps, finish = [], [], []
+        comps, lps, finish, topk = [], [], [], []
         for i, o in enumerate(outs):
             c = o.outputs[0]
             ids = list(c.token_ids)
@@ -161,10 +163,23 @@ class VLLMColocateRollout:
             comps.append(ids)
             lps.append([float(step[t].logprob) for step, t in zip(c.logprobs, ids)])
             finish.append(check_finish_reason(c.finish_reason, i))
+            if self.top_logprobs:
+                topk.append(_top_logprobs(c.logprobs, self.top_logprobs))
         if self.sleep:
             self.llm.sleep(level=1)
             self.asleep = True
-        return batch_from_completions(prompts, comps, lps, finish, pad_id=self.pad_id, eos_ids=self.eos_ids)
+        batch = batch_from_completions(prompts, comps, lps, finish, pad_id=self.pad_id, eos_ids=self.eos_ids)
+        batch.topk = topk or None
+        return batch
+
+
+def _top_logprobs(steps, k: int):
+    """(ids [T, k], logprobs [T, k]) from vLLM's per-token {id: Logprob} dicts (top-k plus the sampled token),
+    sorted by value descending, ties to the smaller id."""
+    rows = [sorted(step.items(), key=lambda kv: (-kv[1].logprob, kv[0]))[:k] for step in steps]
+    ids = torch.tensor([[t for t, _ in r] for r in rows], dtype=torch.long).view(len(rows), k)
+    vals = torch.tensor([[lp.logprob for _, lp in r] for r in rows], dtype=torch.float32).view(len(rows), k)
+    return ids, vals
 
 
 def _default_sync_dir() -> str:
