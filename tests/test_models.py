@@ -19,6 +19,7 @@ import torch
 
 from opdx import models as M
 from opdx.data_eval import load_prompt_records, normalize_answer, score_answer
+from opdx.models import demo, prune
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
@@ -119,14 +120,14 @@ def _six_layer_llama(tok):
 
 
 def test_even_indices():
-    assert M._even_indices(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
-    assert M._even_indices(6, 3) == [0, 3, 5]
-    assert M._even_indices(6, 2) == [0, 5]
-    assert M._even_indices(6, 6) == list(range(6))
-    assert M._even_indices(6, 1) == [0]
+    assert prune._even_indices(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert prune._even_indices(6, 3) == [0, 3, 5]
+    assert prune._even_indices(6, 2) == [0, 5]
+    assert prune._even_indices(6, 6) == list(range(6))
+    assert prune._even_indices(6, 1) == [0]
     for n in range(1, 40):
         for k in range(2, n + 1):
-            idx = M._even_indices(n, k)
+            idx = prune._even_indices(n, k)
             assert len(idx) == k and idx[0] == 0 and idx[-1] == n - 1 and idx == sorted(set(idx))
 
 
@@ -305,7 +306,7 @@ def test_missing_gguf_package_is_clear(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ImportError, match="pip install gguf"):
-        M._convert_gguf(tmp_path / M.DEMO_GGUF_NAME, tmp_path / "out", progress=False)
+        demo._convert_gguf(tmp_path / M.DEMO_GGUF_NAME, tmp_path / "out", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
