@@ -88,7 +88,9 @@ class LossConfig:
     lmbda: float = 1.0  # probability that the student generates the batch (on-policy)
     seq_kd: bool = False  # when the student does not generate: teacher generates (True) or dataset response (False)
     sft_alpha: float = 0.0  # weight of cross-entropy on non-student sequences
-    normalize_reward: bool = True  # opd: normalize the per-token reward over valid tokens (mean/std)
+    # opd: true = normalized REINFORCE (reward mean/std over the batch's tokens, opdx.losses.opd_loss) instead of the
+    # importance-sampled per-token advantage (opdx.losses.opd_is_loss)
+    normalize_reward: bool = False
     # importance-sampled opd (opdx.losses.opd_is_loss): advantage = -kl_coef * (sampler logp - teacher logp) of the
     # sampled token, optionally summed over later tokens with weight discount^k; ratio exp(logp_train - logp_sampler)
     kl_coef: float = 1.0

@@ -300,3 +300,44 @@ def test_benchmark_report_roofline_and_rows_without_bytes(tmp_path):
     assert "One optimizer step of the demo." in train
     assert "| device | loss | impl | tokens_per_s | time_rollout_s | phases.teacher_s |" in train
     assert "| gpu-x | opd | opdx | 1234.50 | 0.50 | 0.25 |" in train
+
+
+@pytest.mark.parametrize("values, anywhere, at_end", [
+    ([3.0, 2.0, 1.5, 1.4], False, False),
+    ([3.0, 2.0, 2.5, 2.4, 2.6], False, False),  # rises, but never twice in a row
+    ([3.0, 2.0, 2.5, 2.7], True, True),
+    ([3.0, 2.0, 2.5, 2.7, 1.0], True, False),  # it rose twice, then recovered
+    ([2.0, 2.5], False, False),
+    ([3.0, float("nan"), 3.5, 4.0], False, False),
+])
+def test_kl_rise_warning(values, anywhere, at_end):
+    from opdx.report.metrics import kl_rise_warning
+
+    assert (kl_rise_warning(values) is not None) == anywhere
+    assert (kl_rise_warning(values, at_end=True) is not None) == at_end
+    if anywhere:
+        msg = kl_rise_warning(values)
+        assert "rose at 2 evals in a row" in msg and "optim.lr" in msg and "loss.is_clip" in msg
+
+
+def test_report_warns_on_rising_eval_kl_and_shows_samples(tmp_path):
+    rows = [_train_row(s) for s in range(1, 7)]
+    evals = [{"step": s, "eval_reverse_kl": v} for s, v in ((0, 3.0), (2, 1.0), (4, 1.5), (6, 2.0))]
+    d = _write(tmp_path / "run", sorted(rows + evals, key=lambda r: r["step"]))
+    samples = [{"step": s, "samples": [{"prompt": f"p{s}", "student": f"student says {s}", "teacher": "t"}]}
+               for s in (0, 2, 4, 6)]
+    (d / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    res = write_report(d)
+    text = res["report"].read_text()
+    assert any("rose at 2 evals in a row" in w for w in res["warnings"])
+    assert "rose at 2 evals in a row (1 -> 1.5 -> 2)" in text
+    assert "## Sample completions" in text
+    assert "### Step 0" in text and "### Step 6" in text and "### Step 2" not in text
+    assert "`student says 6`" in text and "`student says 4`" not in text
+
+
+def test_report_without_samples_or_rise(tmp_path):
+    d = _write(tmp_path / "run", _run_rows(10))
+    res = write_report(d)
+    assert "## Sample completions" not in res["report"].read_text()
+    assert not any("rose at" in w for w in res["warnings"])

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from opdx.report.markdown import markdown
-from opdx.report.metrics import ReportError, load_metrics, read_json
+from opdx.report.metrics import ReportError, kl_rise_warning, load_metrics, load_samples, read_json
 from opdx.report.plots import write_figures
 
 __all__ = ["ReportError", "load_metrics", "write_report", "main"]
@@ -40,8 +40,12 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, *, s
         summary = read_json(output_dir / "summary.json", warnings)
     out = Path(out_dir) if out_dir is not None else output_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    rise = kl_rise_warning([r["eval_reverse_kl"] for r in d["eval"] if "eval_reverse_kl" in r])
+    if rise:
+        warnings.append(rise)
     figures = write_figures(d, out)
-    text, stats = markdown(d, cfg, summary, figures, out, metrics_path, warnings)
+    samples = load_samples(output_dir / "eval_samples.jsonl")
+    text, stats = markdown(d, cfg, summary, figures, out, metrics_path, warnings, samples=samples)
     report = out / "report.md"
     report.write_text(text, encoding="utf-8")
     return {"report": report, "plot": figures["overview"], "figures": figures, "stats": stats, "warnings": warnings}

@@ -198,8 +198,29 @@ def _figures_section(figures: dict[str, Path], out: Path) -> list[str]:
     return md
 
 
+def _samples_section(samples: list[dict]) -> list[str]:
+    """The eval sample completions (prompt, student, teacher) at the first and the last eval."""
+    if not samples:
+        return []
+    md = ["## Sample completions (greedy)", ""]
+    picks = [samples[0]] if len(samples) == 1 else [samples[0], samples[-1]]
+    for rec in picks:
+        md += [f"### Step {rec.get('step')}", ""]
+        for s in rec.get("samples", []):
+            md += [f"- **prompt**: {_quote(s.get('prompt'))}", f"  - student: {_quote(s.get('student'))}"]
+            if s.get("teacher") is not None:
+                md.append(f"  - teacher: {_quote(s.get('teacher'))}")
+        md.append("")
+    return md
+
+
+def _quote(text) -> str:
+    flat = " ".join(str(text or "").split())
+    return f"`{flat[:300]}{'…' if len(flat) > 300 else ''}`" if flat else "(empty)"
+
+
 def markdown(d: dict, cfg: dict | None, summary: dict | None, figures: dict[str, Path], out: Path,
-             metrics_path: Path, warnings: list[str]) -> tuple[str, dict]:
+             metrics_path: Path, warnings: list[str], samples: list[dict] | None = None) -> tuple[str, dict]:
     """(report.md's text, its headline numbers)."""
     train, ev = d["train"], d["eval"]
     stats: dict = {"train_steps": len(train), "eval_points": len(ev), "duplicate_steps": d["duplicates"]}
@@ -208,4 +229,4 @@ def markdown(d: dict, cfg: dict | None, summary: dict | None, figures: dict[str,
         md += _eval_section(ev, stats)
     if train:
         md += _training_section(train, stats) + _time_section(train, stats)
-    return "\n".join(md + _figures_section(figures, out)), stats
+    return "\n".join(md + _samples_section(samples or []) + _figures_section(figures, out)), stats

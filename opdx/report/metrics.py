@@ -135,3 +135,30 @@ def phase_table(train: list[dict]) -> dict[str, list[float]]:
     if any(other):
         out[OTHER_PHASE] = other
     return out
+
+
+RISE_EVALS = 2  # held-out reverse KL rising at this many evals in a row is a warning (trainer log and report)
+
+
+def kl_rise_warning(values: list[float], *, at_end: bool = False) -> str | None:
+    """The warning when the held-out reverse KL rose at `RISE_EVALS` evals in a row (anywhere in ``values``, or
+    only in the last evals with ``at_end``), naming the knobs that usually cause it; None otherwise."""
+    starts = range(len(values) - RISE_EVALS - 1, len(values) - RISE_EVALS) if at_end else \
+        range(len(values) - RISE_EVALS)
+    for i in starts:
+        run = values[i:i + RISE_EVALS + 1]
+        if i >= 0 and all(finite(v) for v in run) and all(b > a for a, b in zip(run, run[1:])):
+            shown = " -> ".join(f"{v:.4g}" for v in run)
+            return (f"held-out reverse KL rose at {RISE_EVALS} evals in a row ({shown}): the student is moving away "
+                    f"from the teacher. Likely knobs: a lower optim.lr or a longer optim.warmup_steps, a trust "
+                    f"region (loss.is_clip=0.2), larger batches (train.micro_batch_size, train.grad_accum), "
+                    f"loss.normalize_reward=false, enough rollout.max_new_tokens for the answers to end")
+    return None
+
+
+def load_samples(path: str | Path) -> list[dict]:
+    """eval_samples.jsonl next to metrics.jsonl (prompt / student / teacher completions per eval); [] if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]

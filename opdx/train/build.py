@@ -58,6 +58,8 @@ class Trainer:
     vocab: int
     start_step: int = 0
     teacher_tokens: int = 0
+    teacher_eval: dict | None = None  # the teacher's greedy eval references (opdx.train.evaluate), once per run
+    teacher_completions: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -32,22 +32,34 @@ def timed(name: str, times: dict, device=None):
         times[name] = times.get(name, 0.0) + clock(device) - start
 
 
+def _restart_jsonl(path: Path, start_step: int) -> None:
+    """A fresh run empties ``path``; a resumed one drops what the killed run logged after the checkpoint."""
+    if start_step > 0 and path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+    elif start_step == 0:
+        path.write_text("")
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 class Logger:
-    """Rank 0 appends one JSON record per line to output_dir/metrics.jsonl (and the numbers to TensorBoard)."""
+    """Rank 0 appends one JSON record per line to output_dir/metrics.jsonl (and the numbers to TensorBoard), and
+    the eval sample completions to output_dir/eval_samples.jsonl."""
 
     def __init__(self, cfg: Config, start_step: int):
         self.rank0 = rank() == 0
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
+        self.samples_path = self.path.with_name("eval_samples.jsonl")
         self.tb = None
         if not self.rank0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if start_step > 0 and self.path.exists():  # resumed: drop what the killed run logged after the checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        elif start_step == 0:
-            self.path.write_text("")
+        _restart_jsonl(self.path, start_step)
+        _restart_jsonl(self.samples_path, start_step)
         if cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -59,13 +71,16 @@ class Logger:
     def log(self, record: dict) -> None:
         if not self.rank0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_jsonl(self.path, record)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
+
+    def log_samples(self, record: dict) -> None:
+        if self.rank0:
+            _append_jsonl(self.samples_path, record)
 
     def rows(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opdx.config import Config, ConfigError, load_config
+from opdx.report.metrics import kl_rise_warning
 from opdx.train.build import Trainer, build
 from opdx.train.checkpoint import save_checkpoint, save_final
 from opdx.train.distributed import all_reduce_sum, barrier, destroy, rank, single_process_env, world
@@ -37,10 +38,13 @@ class StepSums:
     sequences: float = 0.0
     mismatch: float = 0.0  # sum of |Δlogp| between the rollout engine's and the trainer's logprobs
     mismatch_tokens: float = 0.0
+    is_ratio: float = 0.0  # opd: token sums of the importance ratio and of the clipped indicator
+    is_clip: float = 0.0
 
     def add(self, loss, stats, batch) -> None:
         self.loss += float(loss.detach())
         self.k1, self.k3, self.tokens = self.k1 + stats.k1_sum, self.k3 + stats.k3_sum, self.tokens + stats.n
+        self.is_ratio, self.is_clip = self.is_ratio + stats.is_ratio_sum, self.is_clip + stats.is_clip_sum
         self.response_tokens += sum(batch.completion_lens)
         self.sequences += len(batch.completion_lens)
 
@@ -99,9 +103,25 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
         "response_len": sums.response_tokens / max(sums.sequences, 1),
         "source": sources[0] if len(set(sources)) == 1 else ",".join(sources),
     }
+    if t.cfg.loss.kind == "opd" and not t.cfg.loss.normalize_reward:  # importance sampling (opd_is_loss)
+        record["is_ratio"] = sums.is_ratio / max(ntok, 1)
+        record["is_clip_frac"] = sums.is_clip / max(ntok, 1)
     if sums.mismatch_tokens:  # mean |Δlogp| between vLLM's sampling logprobs and the trainer's (temperature-1) own
         record["rollout_logprob_mismatch"] = sums.mismatch / sums.mismatch_tokens
     return record
+
+
+def evaluate_and_log(t: Trainer, logger: Logger, step: int) -> None:
+    """One held-out evaluation: its metrics record, its sample completions, and the warning when the held-out
+    reverse KL has risen at two evals in a row."""
+    record, samples = eval_record(t, step)
+    logger.log(record)
+    logger.log_samples(samples)
+    if rank() == 0:
+        history = [r["eval_reverse_kl"] for r in logger.rows() if "eval_reverse_kl" in r]
+        rise = kl_rise_warning(history, at_end=True)
+        if rise:
+            print(f"opdx.train: warning at step {step}: {rise}", file=sys.stderr, flush=True)
 
 
 def run(cfg: Config) -> dict:
@@ -114,7 +134,7 @@ def run(cfg: Config) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     sources_log, bar = SourcesLog(cfg, t.start_step), Progress(cfg, t.start_step)
     if t.start_step == 0 and cfg.eval.at_start:
-        logger.log(eval_record(t, 0))
+        evaluate_and_log(t, logger, 0)
     setup_s = time.time() - t_start
     last = {}
     for step in range(t.start_step + 1, cfg.train.max_steps + 1):
@@ -123,7 +143,7 @@ def run(cfg: Config) -> dict:
         bar.update(last)
         budget_spent = bool(cfg.train.max_tokens) and t.teacher_tokens >= cfg.train.max_tokens
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps or budget_spent:
-            logger.log(eval_record(t, step))
+            evaluate_and_log(t, logger, step)
         if cfg.save.every and step % cfg.save.every == 0:
             save_checkpoint(cfg, t.engine, step, t.sampler, t.teacher_tokens)
         if budget_spent:  # train.max_tokens: the same number of teacher-scored tokens for every run of a study

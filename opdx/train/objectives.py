@@ -21,7 +21,7 @@ import torch
 
 from opdx.config import Config
 from opdx.data import Batch
-from opdx.losses import opd_loss, reverse_kl_estimates, sft_loss, topk_loss
+from opdx.losses import opd_is_loss, opd_loss, reverse_kl_estimates, sft_loss, topk_loss
 from opdx.train.scoring import student_view
 
 
@@ -57,6 +57,8 @@ class TokenStats:
     batch: Batch
     student_logp: torch.Tensor | None = None
     top1_agree: float | None = None
+    is_ratio_sum: float = 0.0  # opd: sums over the n tokens of the importance ratio and of its clipped indicator
+    is_clip_sum: float = 0.0
 
     def as_dict(self) -> dict:
         out = {"k1_sum": self.k1_sum, "k3_sum": self.k3_sum, "n": self.n, "batch": self.batch}
@@ -72,6 +74,21 @@ def token_stats(s_logp, t_logp, mask, batch, *, student_logp=None, student_top1=
     agree = float((student_top1 == teacher_top1).sum()) if student_top1 is not None else None
     return TokenStats(k1_sum=float(k1_sum), k3_sum=float(k3) * float(n), n=float(n), batch=batch,
                       student_logp=student_logp, top1_agree=agree)
+
+
+def sampler_logprobs(rollout, view) -> torch.Tensor | None:
+    """The rollout engine's logprobs of the sampled tokens (``rollout.sampling_logprobs`` [B, T_completion]) placed
+    at the view's trained target positions [B, T]; None when the sequences were not sampled by the student."""
+    if rollout is None or rollout.sampling_logprobs is None:
+        return None
+    mask = view.mask
+    generated = rollout.completion_mask.to(mask.device)
+    if not torch.equal(mask.sum(1), generated.sum(1)):
+        raise RuntimeError(f"sampler logprobs: {generated.sum(1).tolist()} generated tokens per row but "
+                           f"{mask.sum(1).tolist()} trained targets")
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out[mask] = rollout.sampling_logprobs.to(mask.device).float()[generated]
+    return out
 
 
 class Objective:
@@ -114,15 +131,40 @@ class Objective:
 
 
 class OPD(Objective):
-    """On-policy distillation REINFORCE: reward = teacher − student token logprob (opdx.losses.opd_loss)."""
+    """On-policy distillation with the per-token reverse-KL advantage of the sampled token (Tinker's recipe,
+    opdx.losses.opd_is_loss): A_t = -kl_coef·(log q(x_t) - log π_T(x_t)) from the rollout engine's own logprobs q,
+    importance ratio exp(log π_θ - log q), optionally PPO-clipped (loss.is_clip) and discounted (loss.discount).
+    Sequences the student did not sample have no q: ratio 1 (q = the trainer's own detached logprobs).
+    ``loss.normalize_reward=true``: the normalized REINFORCE of opdx.losses.opd_loss instead."""
 
     kind = "opd"
 
     def loss(self, view, signal, batch, source, rollout=None):
+        c = self.loss_cfg
         s_logp = view.token_logprobs(self.temperature)
         t_logp = view.teacher_token_logprobs(signal, self.temperature)
-        loss = opd_loss(s_logp, t_logp, view.mask, normalize=self.loss_cfg.normalize_reward)[0]
-        return self._finish(view, signal, loss, s_logp, self.wants_sft(source), t_logp)
+        if c.normalize_reward:
+            loss, is_stats = opd_loss(s_logp, t_logp, view.mask, normalize=True)[0], None
+        else:
+            policy = self._policy_logprobs(view, s_logp)
+            q = sampler_logprobs(rollout, view)
+            q = policy.detach() if q is None else q
+            loss, is_stats = opd_is_loss(policy, q, t_logp, view.mask, kl_coef=c.kl_coef, discount=c.discount,
+                                         is_clip=c.is_clip)
+        loss, stats = self._finish(view, signal, loss, s_logp, self.wants_sft(source), t_logp)
+        if is_stats is not None:
+            stats.is_ratio_sum = is_stats["is_ratio_mean"] * stats.n
+            stats.is_clip_sum = is_stats["is_clip_frac"] * stats.n
+        return loss, stats
+
+
+    def _policy_logprobs(self, view, s_logp):
+        """The trained policy's logprobs in the sampler's convention (temperature 1, every lm_head row, with grad):
+        ``s_logp`` itself when that is what it already is."""
+        rows = view.all_rows.shape[-1] if hasattr(view, "all_rows") else view.head.weight.shape[0]  # no ZeRO-3 here
+        if self.temperature == 1.0 and rows == self.vocab:
+            return s_logp
+        return view.policy_logprobs()
 
 
 class SFT(Objective):

@@ -10,7 +10,8 @@
 Each view answers the same questions: ``batch`` (cut to the scored target positions), ``mask``,
 ``token_logprobs(temperature)`` [B, T] (student logprobs of the targets over the tokenizer's vocabulary),
 ``teacher_token_logprobs(signal, temperature)`` aligned to the same [B, T] and ``raw_logprobs()`` (detached,
-temperature 1, over all lm_head rows: what vLLM reports as sampling logprobs).
+temperature 1, over all lm_head rows: what vLLM reports as sampling logprobs; `policy_logprobs()` is the same with
+grad, for the logits and fused-linear views).
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ class LogitsView:
         logits = self.logits if grad else self.logits.detach()
         return token_logprobs(logits, self.batch.targets, temperature=temperature)
 
+    def policy_logprobs(self) -> torch.Tensor:
+        """With grad: temperature-1 logprobs of the targets over every lm_head row, the distribution a rollout
+        engine reports its sampling logprobs in (the importance ratio of loss.kind=opd)."""
+        return token_logprobs(self.all_rows, self.batch.targets)
+
     def generalized_jsd(self, signal, beta: float, temperature: float) -> torch.Tensor:
         from opdx.losses import gjsd_loss
 
@@ -150,6 +156,10 @@ class FusedLinearView:
             return self._logp(self.rows, self.weight, self.bias, temperature)
         with torch.no_grad():
             return self._logp(*_detached(self.rows, self.weight, self.bias), temperature)
+
+    def policy_logprobs(self) -> torch.Tensor:
+        """With grad: temperature-1 logprobs over every lm_head row (see LogitsView.policy_logprobs)."""
+        return self._logp(self.rows, *head_rows(self.head, None), 1.0)
 
     def _teacher_rows(self, signal):
         if signal.hidden is None:
