@@ -15,6 +15,7 @@ from opdx.xtok import (
     build_vocab_map,
     char_to_byte_offsets,
     future_returns,
+    ids_byte_ends,
     gold_loss,
     merge_groups,
     minillm_loss,
@@ -142,6 +143,40 @@ def test_flat_ids_are_batch_global():
     assert torch.equal(torch.unique(s_flat), torch.arange(total))
     assert torch.equal(torch.unique(t_flat), torch.arange(total))
     assert bool((s_flat[1:] >= s_flat[:-1]).all())
+
+
+def test_ids_byte_ends_exact_inside_characters():
+    s_tok, _ = make_xtok_tokenizers()
+    text = "héllo wörld I ❤️ 🍕 naïve"
+    ids = s_tok(text, add_special_tokens=False)["input_ids"]
+    ends = ids_byte_ends(s_tok, torch.tensor([ids]))[0].tolist()
+    assert ends[-1] == len(text.encode())
+    checked = 0
+    for k in range(1, len(ids) + 1):
+        prefix = s_tok.decode(ids[:k])
+        if "\ufffd" not in prefix:  # prefixes ending inside a character do not decode
+            assert ends[k - 1] == len(prefix.encode()), k
+            checked += 1
+    assert 0 < checked < len(ids)  # some tokens end inside a character
+
+
+def test_sampled_ids_with_eos_align_to_retokenized_teacher():
+    s_tok, t_tok = make_xtok_tokenizers()
+    # a non-canonical student sample: single characters, then EOS (special: 0 bytes, joins the last group)
+    pieces = ["h", "é", "l", "l", "o", " ", "w"]
+    ids = sum((s_tok(p, add_special_tokens=False)["input_ids"] for p in pieces), []) + [s_tok.eos_token_id]
+    text = s_tok.decode(ids, skip_special_tokens=True)
+    assert text == "héllo w"
+    s_ends = ids_byte_ends(s_tok, torch.tensor([ids]))
+    t_ids, t_ends, t_len = token_byte_ends(t_tok, [text])
+    a = align_byte_ends(s_ends, t_ends, None, t_len)
+    n = int(a.num_groups[0])
+    assert a.student_groups[0, -1] == n - 1  # EOS is in the last group
+    body = torch.tensor(ids[:-1])
+    s_texts = _group_texts(s_tok, body, a.student_groups[0, :-1], n)
+    assert s_texts == _group_texts(t_tok, t_ids[0], a.teacher_groups[0], n)
+    with pytest.raises(ValueError, match="outside student_tokenizer's vocabulary"):
+        ids_byte_ends(s_tok, torch.tensor([[len(s_tok) + 5]]), name="student_tokenizer")
 
 
 def test_error_slow_tokenizer():

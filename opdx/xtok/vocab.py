@@ -1,21 +1,21 @@
 """Id map between two vocabularies: the tokens whose strings match exactly (for the `gold` hybrid loss).
 
-A token's string is its byte sequence: for byte-level BPE vocabularies (GPT-2 / Llama-3 / Qwen style, ByteLevel
-decoder) the vocabulary entry mapped back through the byte alphabet, so partial UTF-8 tokens match byte for byte;
-for other tokenizers the decoded text of the single token (tokens that decode to U+FFFD, partial characters, are left
-out). Special tokens match by their content. Built once per tokenizer pair and cached in memory, and on disk when a
-``cache_dir`` is given.
+A token's string is the byte sequence it stands for (`opdx.xtok.tokens.vocab_token_bytes`: exact for byte-level BPE,
+so partial UTF-8 tokens match byte for byte; tokens whose bytes are unknown are left out). Special tokens match by
+their content. Two ids of one vocabulary with the same bytes: the lowest id is kept. Built once per tokenizer pair
+and cached in memory, and on disk when a ``cache_dir`` is given.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import torch
+
+from opdx.xtok.tokens import vocab_token_bytes
 
 
 @dataclass(frozen=True)
@@ -29,48 +29,12 @@ class VocabMap:
         return int(self.student_ids.numel())
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_alphabet_inverse() -> dict[str, int]:
-    """The byte-level BPE alphabet: printable Latin-1 bytes stand for themselves, the other bytes are shifted to
-    code points 256, 257, ... in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + shifted)] = b
-            shifted += 1
-    return table
-
-
-def _is_byte_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    return '"ByteLevel"' in json.dumps(decoder)
-
-
 def _token_strings(tokenizer) -> dict[bytes, int]:
-    """{byte string: lowest id} over the whole vocabulary (added/special tokens included)."""
-    vocab = tokenizer.get_vocab()
-    special = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    special |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
-    byte_level = _is_byte_level(tokenizer)
-    inverse = _byte_alphabet_inverse()
+    """{byte string: lowest id} over the vocabulary, tokens with unknown bytes left out."""
     out: dict[bytes, int] = {}
-    for piece, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
-        if piece in special:
-            key = piece.encode("utf-8")
-        elif byte_level and all(c in inverse for c in piece):
-            key = bytes(inverse[c] for c in piece)
-        else:
-            text = tokenizer.decode([idx])
-            if "\ufffd" in text or not text:
-                continue
-            key = text.encode("utf-8")
-        out.setdefault(key, idx)
+    for idx, raw in sorted(vocab_token_bytes(tokenizer).items()):
+        if raw:
+            out.setdefault(raw, idx)
     return out
 
 
