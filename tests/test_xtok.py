@@ -349,7 +349,7 @@ def test_loss_bad_inputs():
     with pytest.raises(ValueError, match="top_m"):
         uld_loss(student, teacher, top_m=0)
     with pytest.raises(ValueError, match="groups but teacher"):
-        uld_loss(student, GroupedSide(teacher.first_logits[:1], teacher.log_scale[:1]))
+        uld_loss(student, GroupedSide(teacher.first_logits[:1], teacher.lse[:1], teacher.log_scale[:1]))
     empty = VocabMap(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
     with pytest.raises(ValueError, match="no token whose string matches"):
         gold_loss(student, teacher, empty)
@@ -433,3 +433,10 @@ def test_minillm_bad_inputs():
         minillm_loss(s, t, y, torch.ones(1, 3, dtype=torch.bool), gamma=1.5)
     with pytest.raises(ValueError, match="\\[B, T, V\\]"):
         minillm_loss(s[0], t[0], y, torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_merge_temperature_divides_logits():
+    (sl, sy, sg), (tl, ty, tg), n = _problem()
+    hot = uld_per_group(merge_groups(sl, sy, sg, n, temperature=2.0), merge_groups(tl, ty, tg, n, temperature=2.0))
+    ref = uld_per_group(merge_groups(sl / 2, sy, sg, n), merge_groups(tl / 2, ty, tg, n))
+    torch.testing.assert_close(hot, ref, rtol=1e-12, atol=1e-14)

@@ -23,12 +23,13 @@ RULES = ("observed", "first")
 
 @dataclass(frozen=True)
 class GroupedSide:
-    """One side's merged distribution per group: log P_g(v) = log_softmax(first_logits[g])(v) + log_scale[g].
+    """One side's merged distribution per group: log P_g(v) = first_logits[g, v] − lse[g] + log_scale[g].
 
-    first_logits ``[G, V]``: logits / temperature at each group's first token; log_scale ``[G]``: log of the factor
-    the rule multiplies that distribution by (0 for the "first" rule)."""
+    first_logits ``[G, V]``: logits / temperature at each group's first token; lse ``[G]``: their logsumexp;
+    log_scale ``[G]``: log of the factor the rule multiplies that distribution by (0 for the "first" rule)."""
 
     first_logits: torch.Tensor
+    lse: torch.Tensor
     log_scale: torch.Tensor
 
 
@@ -91,18 +92,22 @@ def merge_groups(logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tens
 
     observed = token_logprobs(logits, targets, temperature=temperature)
     first, log_scale = group_first_and_scale(observed, groups, num_groups, rule=rule, name=name)
-    return GroupedSide(logits.index_select(0, first) / temperature, log_scale)
+    first_logits = logits.index_select(0, first)
+    if temperature != 1.0:
+        first_logits = first_logits / temperature
+    # lse = x[y] − log p(y): the fused kernel's logsumexp, without another pass (and its backward) over [G, V]
+    observed_logit = first_logits.gather(1, targets.index_select(0, first)[:, None])[:, 0].to(observed.dtype)
+    return GroupedSide(first_logits, observed_logit - observed.index_select(0, first), log_scale)
 
 
-def top_log_probs(first_logits: torch.Tensor, top_m: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """``[G, min(top_m, V − |exclude|)]`` the largest full-vocabulary log-probs of each row, descending, leaving out
-    the columns ``exclude`` (they still count in the normalization)."""
-    lse = torch.logsumexp(first_logits, -1, keepdim=True)
-    kept = first_logits.shape[-1] - (0 if exclude is None else exclude.numel())
-    m = min(int(top_m), kept)
+def top_log_probs(side: GroupedSide, top_m: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """``[G, min(top_m, V − |exclude|)]`` the largest full-vocabulary log-probs of each group's first position,
+    descending, leaving out the columns ``exclude`` (they still count in the normalization)."""
+    logits = side.first_logits
+    m = min(int(top_m), logits.shape[-1] - (0 if exclude is None else exclude.numel()))
     if exclude is not None:
-        first_logits = first_logits.index_fill(1, exclude, -math.inf)
-    return torch.topk(first_logits, m, dim=-1).values - lse
+        logits = logits.index_fill(1, exclude, -math.inf)
+    return torch.topk(logits, m, dim=-1).values.to(side.lse.dtype) - side.lse[:, None]
 
 
 def sorted_buckets(top_logp: torch.Tensor, log_scale: torch.Tensor, total_mass: torch.Tensor | float = 1.0):
@@ -143,8 +148,8 @@ def uld_per_group(student: GroupedSide, teacher: GroupedSide, *, top_m: int = 64
     full-vocabulary sorted distance. Extra memory O(G·M) besides the inputs."""
     _check_pair(student, teacher, top_m)
     with torch.no_grad():
-        t_buckets = sorted_buckets(top_log_probs(teacher.first_logits, top_m), teacher.log_scale)
-    s_buckets = sorted_buckets(top_log_probs(student.first_logits, top_m), student.log_scale)
+        t_buckets = sorted_buckets(top_log_probs(teacher, top_m), teacher.log_scale)
+    s_buckets = sorted_buckets(top_log_probs(student, top_m), student.log_scale)
     return uld_distance(s_buckets, t_buckets, p)
 
 
@@ -164,15 +169,15 @@ def _matched_terms(student: GroupedSide, teacher: GroupedSide, vocab_map, beta: 
     s_m = student.first_logits.index_select(1, s_ids)
     t_m = teacher.first_logits.detach().index_select(1, t_ids).to(s_m.dtype)
     jsd = generalized_jsd(s_m, t_m, beta=beta)
-    s_mass = (torch.logsumexp(s_m, -1) - torch.logsumexp(student.first_logits, -1)).exp()
-    t_mass = (torch.logsumexp(t_m, -1) - torch.logsumexp(teacher.first_logits.detach().to(s_m.dtype), -1)).exp()
+    s_mass = (torch.logsumexp(s_m, -1).to(student.lse.dtype) - student.lse).exp()
+    t_mass = (torch.logsumexp(t_m, -1).to(teacher.lse.dtype) - teacher.lse.detach()).exp()
     return jsd, s_mass, t_mass, s_ids, t_ids
 
 
 def _unmatched_buckets(side: GroupedSide, ids: torch.Tensor, matched_mass, top_m: int) -> torch.Tensor:
     if side.first_logits.shape[-1] == ids.numel():  # every token matched: the unmatched part is empty
         return side.first_logits.new_zeros(side.first_logits.shape[0], 1)
-    top = top_log_probs(side.first_logits, top_m, exclude=ids)
+    top = top_log_probs(side, top_m, exclude=ids)
     return sorted_buckets(top, side.log_scale, 1.0 - matched_mass)
 
 
