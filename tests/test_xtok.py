@@ -23,7 +23,16 @@ from opdx.xtok import (
     uld_loss,
     uld_per_group,
 )
-from tests.xtok_helpers import align_reference, make_xtok_tokenizers
+from tests.xtok_helpers import (
+    align_reference,
+    gold_reference,
+    make_xtok_tokenizers,
+    merged_reference,
+    minillm_reference,
+    problem,
+    ref_distance,
+    sorted_ref,
+)
 
 TEXTS = ["héllo wörld", "I ❤️ 🍕", "a  b\n\n c", "Zwölf Boxkämpfer, naïve façade 🎉🍕!", "", "x"]
 
@@ -217,69 +226,32 @@ def test_error_bad_ends_and_lengths():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _merged_reference(logits, targets, groups, g, rule):
-    rows = [j for j in range(len(groups)) if int(groups[j]) == g]
-    p = torch.softmax(logits[rows[0]], -1)
-    if rule == "observed":
-        for j in rows[1:]:
-            p = p * torch.softmax(logits[j], -1)[targets[j]]
-    return p
-
-
-def _sorted_ref(p, m, exclude=()):
-    keep = torch.tensor([v for v in range(p.shape[0]) if v not in set(exclude)], dtype=torch.int64)
-    q = p[keep]
-    top = torch.sort(q, descending=True).values[:m]
-    tail = q.sum() - top.sum()
-    return torch.sort(torch.cat([top, tail.reshape(1)]), descending=True).values
-
-
-def _ref_distance(a, b, p):
-    width = max(len(a), len(b))
-    a = torch.cat([a, a.new_zeros(width - len(a))])
-    b = torch.cat([b, b.new_zeros(width - len(b))])
-    return ((a - b).abs() ** p).sum()
-
-
-def _problem(n_groups=4, vs=13, vt=17, seed=None):
-    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
-    sizes_s = torch.randint(1, 4, (n_groups,), generator=gen)
-    sizes_t = torch.randint(1, 4, (n_groups,), generator=gen)
-    s_groups = torch.repeat_interleave(torch.arange(n_groups), sizes_s)
-    t_groups = torch.repeat_interleave(torch.arange(n_groups), sizes_t)
-    s_logits = (torch.randn(len(s_groups), vs, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
-    t_logits = torch.randn(len(t_groups), vt, generator=gen, dtype=torch.float64) * 2
-    s_targets = torch.randint(0, vs, (len(s_groups),), generator=gen)
-    t_targets = torch.randint(0, vt, (len(t_groups),), generator=gen)
-    return (s_logits, s_targets, s_groups), (t_logits, t_targets, t_groups), n_groups
-
-
 @pytest.mark.parametrize("rule", ["observed", "first"])
 @pytest.mark.parametrize("top_m, p", [(5, 1.0), (40, 1.0), (3, 2.0)])
 def test_uld_matches_float64_reference(rule, top_m, p):
-    (sl, sy, sg), (tl, ty, tg), n = _problem()
+    (sl, sy, sg), (tl, ty, tg), n = problem()
     student = merge_groups(sl, sy, sg, n, rule=rule)
     teacher = merge_groups(tl, ty, tg, n, rule=rule)
     got = uld_per_group(student, teacher, top_m=top_m, p=p)
     for g in range(n):
-        ref = _ref_distance(_sorted_ref(_merged_reference(sl, sy, sg, g, rule), top_m),
-                            _sorted_ref(_merged_reference(tl, ty, tg, g, rule), top_m), p)
+        ref = ref_distance(sorted_ref(merged_reference(sl, sy, sg, g, rule), top_m),
+                            sorted_ref(merged_reference(tl, ty, tg, g, rule), top_m), p)
         torch.testing.assert_close(got[g], ref, rtol=1e-10, atol=1e-12)
 
 
 def test_uld_with_full_top_m_is_full_vocab_sorted_distance():
-    (sl, sy, sg), (tl, ty, tg), n = _problem()
+    (sl, sy, sg), (tl, ty, tg), n = problem()
     got = uld_per_group(merge_groups(sl, sy, sg, n), merge_groups(tl, ty, tg, n), top_m=100)
     for g in range(n):
-        ps = torch.sort(_merged_reference(sl, sy, sg, g, "observed"), descending=True).values
-        pt = torch.sort(_merged_reference(tl, ty, tg, g, "observed"), descending=True).values
+        ps = torch.sort(merged_reference(sl, sy, sg, g, "observed"), descending=True).values
+        pt = torch.sort(merged_reference(tl, ty, tg, g, "observed"), descending=True).values
         # the tail bucket is empty here; the observed rule's missing mass is not a bucket
-        torch.testing.assert_close(got[g], _ref_distance(ps, pt, 1.0), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got[g], ref_distance(ps, pt, 1.0), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("rule", ["observed", "first"])
 def test_uld_gradcheck(rule):
-    (sl, sy, sg), (tl, ty, tg), n = _problem(n_groups=3, vs=7, vt=9)
+    (sl, sy, sg), (tl, ty, tg), n = problem(n_groups=3, vs=7, vt=9)
     teacher = merge_groups(tl, ty, tg, n, rule=rule)
 
     def fn(x):
@@ -288,45 +260,27 @@ def test_uld_gradcheck(rule):
     assert torch.autograd.gradcheck(fn, (sl,), eps=1e-6, atol=1e-7)
 
 
-def _vocab_map_for_problem(vs, vt, k, gen):
+def _vocab_map_forproblem(vs, vt, k, gen):
     s_ids = torch.sort(torch.randperm(vs, generator=gen)[:k]).values
     t_ids = torch.randperm(vt, generator=gen)[:k]
     return VocabMap(s_ids, t_ids)
 
 
-def _gjsd_ref(ps, pt, beta):
-    m = beta * pt + (1 - beta) * ps
-    return beta * (pt * (pt / m).log()).sum() + (1 - beta) * (ps * (ps / m).log()).sum()
-
-
-def _gold_reference(sl, sy, sg, tl, ty, tg, n, vmap, beta, top_m, weight):
-    s_ids, t_ids = vmap.student_ids.tolist(), vmap.teacher_ids.tolist()
-    total = 0.0
-    for g in range(n):
-        ps = _merged_reference(sl, sy, sg, g, "observed")
-        pt = _merged_reference(tl, ty, tg, g, "observed")
-        jsd = _gjsd_ref(ps[s_ids] / ps[s_ids].sum(), pt[t_ids] / pt[t_ids].sum(), beta)
-        uld = _ref_distance(_sorted_ref(ps, top_m, s_ids), _sorted_ref(pt, top_m, t_ids), 1.0)
-        w = pt[t_ids].sum() / pt.sum() if weight is None else weight
-        total = total + w * jsd + (1 - w) * uld
-    return total / n
-
-
 @pytest.mark.parametrize("weight", [None, 0.3])
 def test_gold_matches_float64_reference(weight):
-    (sl, sy, sg), (tl, ty, tg), n = _problem()
+    (sl, sy, sg), (tl, ty, tg), n = problem()
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
-    vmap = _vocab_map_for_problem(sl.shape[1], tl.shape[1], 6, gen)
+    vmap = _vocab_map_forproblem(sl.shape[1], tl.shape[1], 6, gen)
     got, stats = gold_loss(merge_groups(sl, sy, sg, n), merge_groups(tl, ty, tg, n), vmap, beta=0.4, top_m=4,
                            matched_weight=weight)
-    ref = _gold_reference(sl, sy, sg, tl, ty, tg, n, vmap, 0.4, 4, weight)
+    ref = gold_reference(sl, sy, sg, tl, ty, tg, n, vmap, 0.4, 4, weight)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     assert 0.0 < stats["matched_share"] < 1.0
 
 
 def test_gold_gradcheck():
-    (sl, sy, sg), (tl, ty, tg), n = _problem(n_groups=3, vs=7, vt=9)
-    vmap = _vocab_map_for_problem(7, 9, 3, torch.Generator().manual_seed(1))
+    (sl, sy, sg), (tl, ty, tg), n = problem(n_groups=3, vs=7, vt=9)
+    vmap = _vocab_map_forproblem(7, 9, 3, torch.Generator().manual_seed(1))
     teacher = merge_groups(tl, ty, tg, n)
 
     def fn(x):
@@ -336,7 +290,7 @@ def test_gold_gradcheck():
 
 
 def test_loss_bad_inputs():
-    (sl, sy, sg), (tl, ty, tg), n = _problem()
+    (sl, sy, sg), (tl, ty, tg), n = problem()
     student, teacher = merge_groups(sl, sy, sg, n), merge_groups(tl, ty, tg, n)
     with pytest.raises(ValueError, match="rule must be one of"):
         merge_groups(sl, sy, sg, n, rule="last")
@@ -344,6 +298,8 @@ def test_loss_bad_inputs():
         merge_groups(sl, sy, torch.where(sg == 1, 0, sg), n, name="student")
     with pytest.raises(ValueError, match="non-decreasing"):
         merge_groups(sl, sy, sg.flip(0), n)
+    with pytest.raises(ValueError, match="student_targets must be the observed token ids"):
+        merge_groups(sl, sy.masked_fill(sg == 0, -100), sg, n, name="student")
     with pytest.raises(ValueError, match="p must be"):
         uld_loss(student, teacher, p=0.5)
     with pytest.raises(ValueError, match="top_m"):
@@ -380,25 +336,6 @@ def test_vocab_map_exact_string_matches_and_cache(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _minillm_reference(s, t, y, mask, gamma, normalize, weight):
-    log_s, log_t = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
-    s_lp = log_s.gather(-1, y[..., None])[..., 0]
-    t_lp = log_t.gather(-1, y[..., None])[..., 0]
-    r = (t_lp - s_lp).detach()
-    b, n = y.shape
-    total, count = 0.0, int(mask.sum())
-    for i in range(b):
-        for j in range(n):
-            if not mask[i, j]:
-                continue
-            num = sum(gamma ** (k - j - 1) * r[i, k] for k in range(j + 1, n) if mask[i, k])
-            den = sum(gamma ** (k - j - 1) for k in range(j + 1, n) if mask[i, k])
-            ret = (num / den if den else 0.0) if normalize else num
-            kl = (log_s[i, j].exp() * (log_s[i, j] - log_t[i, j])).sum()
-            total = total - ret * s_lp[i, j] + weight * kl
-    return total / count
-
-
 @pytest.mark.parametrize("gamma, normalize", [(1.0, True), (0.7, True), (0.9, False), (0.0, True)])
 def test_minillm_matches_float64_reference(gamma, normalize):
     b, n, v = 2, 6, 11
@@ -408,7 +345,7 @@ def test_minillm_matches_float64_reference(gamma, normalize):
     mask = torch.ones(b, n, dtype=torch.bool)
     mask[1, 4:] = False
     loss, stats = minillm_loss(s, t, y, mask, gamma=gamma, length_normalize=normalize, single_step_weight=0.5)
-    ref = _minillm_reference(s, t, y, mask, gamma, normalize, 0.5)
+    ref = minillm_reference(s, t, y, mask, gamma, normalize, 0.5)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
     (g,) = torch.autograd.grad(loss, s)
     (g_ref,) = torch.autograd.grad(ref, s)
@@ -436,7 +373,7 @@ def test_minillm_bad_inputs():
 
 
 def test_merge_temperature_divides_logits():
-    (sl, sy, sg), (tl, ty, tg), n = _problem()
+    (sl, sy, sg), (tl, ty, tg), n = problem()
     hot = uld_per_group(merge_groups(sl, sy, sg, n, temperature=2.0), merge_groups(tl, ty, tg, n, temperature=2.0))
     ref = uld_per_group(merge_groups(sl / 2, sy, sg, n), merge_groups(tl / 2, ty, tg, n))
     torch.testing.assert_close(hot, ref, rtol=1e-12, atol=1e-14)

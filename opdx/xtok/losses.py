@@ -88,6 +88,9 @@ def merge_groups(logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tens
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"{name}_logits must be [N, V] and {name}_targets [N]; got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+        raise ValueError(f"{name}_targets must be the observed token ids in [0, {logits.shape[1]}) (no ignore_index: "
+                         "pass only the trained completion tokens)")
     from opdx.ops import token_logprobs
 
     observed = token_logprobs(logits, targets, temperature=temperature)
