@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation cost: the byte alignment (opdx.xtok.align_byte_ends) vs a plain Python two-pointer
-implementation of the same alignment (tests/xtok_helpers.align_reference) at B=8 completions of ~256 student tokens (and B=32 of ~1024),
-the same with the re-tokenization of both sides (token_byte_ends), and the ULD / GOLD losses' forward + backward at
-that token count against a full-vocabulary sort. Run:
+implementation of the same alignment (tests/xtok_helpers.align_reference) at B=8 completions of ~256 student tokens
+(and B=32 of ~1024), the same with the re-tokenization of both sides (token_byte_ends), and the ULD / GOLD losses'
+forward + backward at B=8 x 256 against a full-vocabulary sort. Run:
 `PYTHONPATH=. python -m pytest benchmarks/test_xtok.py -q -s` (results: benchmarks/results/<device>-xtok_*.json).
 """
 
