@@ -257,9 +257,10 @@ __device__ __forceinline__ void for_each_in_row(const scalar_t* row, int64_t V, 
 constexpr int kRadixBits = 11;
 constexpr int kRadixBins = 1 << kRadixBits;
 
+// No __launch_bounds__: with it ptxas (nvcc 13.0, sm_80) spills this kernel; at 256 threads a block can never lack
+// registers (256 × 255 <= 64k).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kTopkThreads)
-    teacher_topk_kernel(const scalar_t* __restrict__ logits, RowIndexer rows, int64_t V, int k, acc_t inv_temperature,
+__global__ void teacher_topk_kernel(const scalar_t* __restrict__ logits, RowIndexer rows, int64_t V, int k, acc_t inv_temperature,
                         int64_t* __restrict__ ids_out, acc_t* __restrict__ lp_out, acc_t* __restrict__ lse_out) {
   using key_t = typename OrderedKey<acc_t>::type;
   constexpr int kKeyBits = static_cast<int>(sizeof(key_t) * 8);

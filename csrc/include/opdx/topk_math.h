@@ -23,14 +23,14 @@ namespace opdx {
 // ordered by index ascending): value descending, −0 equal to +0, NaN above every value (torch.topk's treatment).
 OPDX_HD uint32_t topk_order_key(float x) {
   if (x != x) return 0xffffffffu;
-  if (x == 0.0f) x = 0.0f;  // −0 → +0
+  x += 0.0f;  // −0 + 0 = +0 (round to nearest): ±0 share one key
   uint32_t b;
   memcpy(&b, &x, sizeof(b));
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // +inf → 0xff800000, below every NaN key
 }
 OPDX_HD uint64_t topk_order_key(double x) {
   if (x != x) return 0xffffffffffffffffull;
-  if (x == 0.0) x = 0.0;
+  x += 0.0;
   uint64_t b;
   memcpy(&b, &x, sizeof(b));
   return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
