@@ -313,12 +313,13 @@ def main() -> int:
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)  # the sanitizer's target
     args = parser.parse_args()
     if args.driver:
+        sys.path.insert(0, ROOT)
         driver()
         return 0
     if not args.out:
         parser.error("--out DIR is required")
     os.makedirs(args.out, exist_ok=True)
-    sys.path.insert(0, HERE)
+    sys.path[:0] = [ROOT, HERE]  # this checkout's opdx (a bare machine has nothing installed) and benchmarks/common
     import torch
 
     device = "cpu" if args.cpu else "cuda"
