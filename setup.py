@@ -6,6 +6,7 @@ Environment:
   OPDX_CPU_ARCH=native      -march for the CPU kernels (default native; e.g. x86-64-v2 for a portable build)
   OPDX_DEBUG=1              -O0 -g
 Source lists are the same globs CMakeLists.txt uses: csrc/ops.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cu.
+CUDA builds need torch >= 2.8 (MIN_CUDA_TORCH): the glue uses aten::mm.dtype (bf16/fp16 GEMMs with an fp32 output).
 """
 import glob
 import os
@@ -26,6 +27,18 @@ def want_cuda(torch, cuda_home):
             raise SystemExit(f"OPDX_CUDA must be 0 or 1, got {forced!r}")
         return forced == "1"
     return torch.version.cuda is not None and cuda_home is not None
+
+
+MIN_CUDA_TORCH = (2, 8)
+
+
+def check_cuda_torch(version):
+    """Refuses a CUDA build against a torch without aten::mm.dtype (fp32-output bf16/fp16 GEMMs)."""
+    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    if (major, minor) < MIN_CUDA_TORCH:
+        raise SystemExit(f"opdx: a CUDA build needs torch >= {MIN_CUDA_TORCH[0]}.{MIN_CUDA_TORCH[1]} (aten::mm.dtype, "
+                         f"fp32-output bf16/fp16 GEMMs), found torch {version}; upgrade torch or build the CPU "
+                         f"kernels only with OPDX_CUDA=0")
 
 
 def gencode_flags(arch_list):
@@ -50,6 +63,7 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     srcs = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
     if want_cuda(torch, CUDA_HOME):
+        check_cuda_torch(torch.__version__)
         nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
         nvcc_flags += gencode_flags(os.environ.get("OPDX_CUDA_ARCH_LIST", "8.0;9.0"))
         return [

@@ -35,6 +35,8 @@ NOTES = {
     "linear_losses": "GEMM-bound, so no byte count: `gemm_floor_ms` is the time of the matrix products a fused lm_head "
                      "+ loss cannot avoid at the GEMM rate measured in the same run (`gemm_tflops`); `x_gemm_floor` = "
                      "time / floor. `logits_mb`: the fp32 [N, V] logits the fused path never forms.",
+    "teacher_topk": "Bytes: one read of the logits (N·V·elem): the top-k ids, their log-probs and the full-vocab lse in "
+                    "one pass (benchmarks/validate_gpu.py). Eager: `topk` + `logsumexp` over the upcast logits.",
     "topk_kl": "GEMM over the gathered top-k rows, so no byte count. `grads_mb`: grad_hidden + grad_weight, which "
                "every implementation must return; `peak_extra_mb`: peak memory on top of them.",
     "train_step": "Whole training runs (benchmarks/test_train_step.py), first step dropped: time = median step; "

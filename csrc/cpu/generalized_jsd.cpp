@@ -1,6 +1,6 @@
 // CPU implementation of the generalized JSD (opdx::generalized_jsd_fwd): per-row loss plus the student gradient,
 // written during the forward. Each row is streamed three times (two for β = 0) while it is cache-resident:
-//   pass 1: online softmax statistics of both rows (lse_s, lse_t)
+//   pass 1: online softmax statistics of both rows (lse_s, lse_t) and the student's argmax
 //   pass 2: the row loss and the row total the gradient needs (β = 0 writes the gradient here)
 //   pass 3: the gradient
 // All arithmetic is in acc_t (float; double for float64 inputs) on values upcast in registers; the two row sums are
@@ -51,17 +51,22 @@ void gjsd_rows(const at::Tensor& student, const at::Tensor& teacher, const bool*
       }
       const scalar_t* __restrict__ srow = s_base + s_rows.offset(r);
       const scalar_t* __restrict__ trow = t_base + t_rows.offset(r);
-      // Pass 1.
-      const SoftmaxStats<acc_t> st_s = row_stats(srow, V, invT, false, buf);
+      // Pass 1 (+ the student's argmax, the gradient anchor: numerics.h's ArgMax order, as on CUDA).
+      SoftmaxStats<acc_t> st_s = SoftmaxStats<acc_t>::empty();
+      ArgMax<acc_t> top = ArgMax<acc_t>::empty();
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t n = std::min(kChunk, V - start);
+        load_scaled(srow + start, n, invT, buf);
+        st_s.merge(chunk_stats(buf, n, false));
+        if (kMode != kJsdForwardKL) chunk_argmax(top, buf, n, start);
+      }
       const acc_t lse_s = st_s.logsumexp();
       const acc_t lse_t = row_stats(trow, V, invT, false, buf).logsumexp();
       const acc_t c = lse_t - lse_s;
       acc_t anchor = 0;
       if (kMode != kJsdForwardKL && out != nullptr) {
-        int64_t top = 0;  // the student's most probable entry (first maximum; the same expression as in row_stats)
-        while (top + 1 < V && !(static_cast<acc_t>(srow[top]) * invT == st_s.max)) ++top;
-        const acc_t xs = static_cast<acc_t>(srow[top]);
-        const acc_t xt = static_cast<acc_t>(trow[top]);
+        const acc_t xs = static_cast<acc_t>(srow[top.index]);
+        const acc_t xt = static_cast<acc_t>(trow[top.index]);
         anchor = jsd_anchor<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c));
       }
       // Pass 2 (chunked so the partial sums stay short and the rows are re-read in cache-sized pieces).
@@ -136,12 +141,7 @@ std::tuple<at::Tensor, at::Tensor> generalized_jsd_fwd_cpu(const at::Tensor& stu
                                                            bool grad_fp32) {
   check_generalized_jsd_inputs(student, teacher, beta);
   const int64_t N = num_rows(student);
-  const bool* mask_ptr = nullptr;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == N,
-                "opdx::generalized_jsd_fwd: mask must be a contiguous bool tensor with one entry per row (", N, ")");
-    mask_ptr = mask->const_data_ptr<bool>();
-  }
+  const bool* mask_ptr = row_mask_ptr(mask, student, N);
   const bool is_double = student.scalar_type() == at::kDouble;
   const auto acc_dtype = acc_dtype_for(student);
   at::Tensor loss = at::empty({N}, student.options().dtype(acc_dtype));

@@ -22,7 +22,15 @@ namespace opdx {
 namespace cpu {
 namespace {
 
+using linear::check_jsd_bwd_inputs;
 using linear::check_linear_inputs;
+using linear::check_row_vectors;
+using linear::check_targets;
+using linear::kAnchor;
+using linear::kLseS;
+using linear::kLseT;
+using linear::kNumJsdStats;
+using linear::kTotal;
 using linear::choose_tile;
 using linear::dispatch_jsd_mode;
 
@@ -138,9 +146,7 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd_cpu(const at::Tenso
                                                                  int64_t ignore_index, int64_t tile) {
   const int64_t V = weight.size(0);
   check_linear_inputs("opdx::linear_token_logprobs_fwd", hidden, weight, bias, V);
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.is_contiguous() &&
-                  targets.numel() == hidden.size(0),
-              "opdx::linear_token_logprobs_fwd: targets must be a contiguous int64 [N] tensor");
+  check_targets("opdx::linear_token_logprobs_fwd", targets, hidden.size(0));
   const int64_t N = hidden.size(0);
   const TiledLinear lin(hidden, weight, bias);
   at::Tensor logp = at::empty({N}, lin.h.options());
@@ -190,9 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
   check_linear_inputs("opdx::linear_token_logprobs_bwd", hidden, weight, bias, V);
   const int64_t N = hidden.size(0);
   const TiledLinear lin(hidden, weight, bias);
-  TORCH_CHECK(grad_logp.scalar_type() == lin.acc && lse.scalar_type() == lin.acc && grad_logp.is_contiguous() &&
-                  lse.is_contiguous() && grad_logp.numel() == N && lse.numel() == N,
-              "opdx::linear_token_logprobs_bwd: grad_logp and lse must be contiguous [N] ", lin.acc, " tensors");
+  check_row_vectors("opdx::linear_token_logprobs_bwd", lin.acc, N, grad_logp, lse);
   LinearGrads grads(lin, V, bias.has_value(), weight_grad);
   if (N > 0) {
     const int64_t t = choose_tile(tile, N, V);
@@ -211,13 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
 // linear_generalized_jsd
 // ------------------------------------------------------------------------------------------------------------------
 
-struct JsdInputs {
-  TiledLinear student;
-  TiledLinear teacher;
-  const bool* mask;
-  int64_t N;
-  int64_t V;
-};
+using JsdInputs = linear::JsdInputs<TiledLinear>;
 
 // Sweep 1: lse of both sides.
 // Also finds each row's most probable student entry (first maximum) and returns the gradient anchor there (see
@@ -360,34 +358,16 @@ void jsd_grad_sweep(const JsdInputs& in, LinearGrads& grads, int64_t tile, acc_t
   }
 }
 
-void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws, const c10::optional<at::Tensor>& bs,
-                      const at::Tensor& ht, const at::Tensor& wt, const c10::optional<at::Tensor>& bt,
-                      const c10::optional<at::Tensor>& mask, int64_t V, double beta) {
-  check_linear_inputs(op, hs, ws, bs, V);
-  check_linear_inputs(op, ht, wt, bt, V);
-  TORCH_CHECK(hs.size(0) == ht.size(0), op, ": student and teacher hidden have ", hs.size(0), " and ", ht.size(0),
-              " rows");
-  TORCH_CHECK(acc_dtype_for(hs) == acc_dtype_for(ht), op, ": student and teacher must both be float64 or neither");
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,
-                ": mask must be a contiguous bool tensor with one entry per row (", hs.size(0), ")");
-  }
-}
-
-// Row statistics saved for the backward, packed as one [4, N] tensor: lse_s, lse_t, anchor, row total.
-enum JsdStat : int64_t { kLseS = 0, kLseT = 1, kAnchor = 2, kTotal = 3, kNumJsdStats = 4 };
 
 std::tuple<at::Tensor, at::Tensor> linear_generalized_jsd_fwd_cpu(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const c10::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const c10::optional<at::Tensor>& teacher_bias,
     const c10::optional<at::Tensor>& mask, int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
   const char* op = "opdx::linear_generalized_jsd_fwd";
-  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                   mask, vocab_size, beta);
-  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
-                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
-                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  linear::check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                           teacher_bias, mask, vocab_size, beta, /*same_dtype=*/false);
+  const JsdInputs in(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask,
+                     vocab_size);
   const auto opts = in.student.h.options();
   at::Tensor loss = at::zeros({in.N}, opts);
   at::Tensor stats = at::zeros({kNumJsdStats, in.N}, opts);
@@ -415,16 +395,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cpu(
     const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
     int64_t vocab_size, double beta, double inv_temperature, int64_t tile, bool weight_grad) {
   const char* op = "opdx::linear_generalized_jsd_bwd";
-  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                   mask, vocab_size, beta);
-  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
-                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
-                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
-  TORCH_CHECK(grad_loss.scalar_type() == in.student.acc && grad_loss.is_contiguous() && grad_loss.numel() == in.N,
-              op, ": grad_loss must be a contiguous [N] ", in.student.acc, " tensor");
-  TORCH_CHECK(stats.scalar_type() == in.student.acc && stats.is_contiguous() && stats.dim() == 2 &&
-                  stats.size(0) == kNumJsdStats && stats.size(1) == in.N,
-              op, ": stats must be the contiguous [4, N] row statistics returned by the forward");
+  linear::check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                           teacher_bias, mask, vocab_size, beta, /*same_dtype=*/false);
+  const JsdInputs in(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask,
+                     vocab_size);
+  check_jsd_bwd_inputs(op, in.student.acc, in.N, grad_loss, stats);
   LinearGrads grads(in.student, in.V, student_bias.has_value(), weight_grad);
   if (in.N == 0) {
     grads.grad_weight.zero_();  // (empty when !weight_grad)

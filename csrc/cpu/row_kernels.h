@@ -26,6 +26,7 @@ inline void load_scaled(const scalar_t* __restrict__ src, int64_t n, acc_t scale
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * scale;
 }
 
+// Largest value of a chunk (NaN ignored; −inf when there is none).
 template <typename acc_t>
 inline acc_t chunk_max(const acc_t* __restrict__ x, int64_t n) {
   acc_t m = neg_inf<acc_t>();
@@ -34,25 +35,21 @@ inline acc_t chunk_max(const acc_t* __restrict__ x, int64_t n) {
   return m;
 }
 
-// Softmax statistics of one chunk (see SoftmaxStats); the chunk's own max is the reference point.
+// Folds chunk x (row entries offset .. offset + n) into a running ArgMax: only a chunk whose maximum beats the current
+// one is scanned (for its first maximum), so chunks visited in index order give ArgMax's order exactly.
+template <typename acc_t>
+inline void chunk_argmax(ArgMax<acc_t>& am, const acc_t* __restrict__ x, int64_t n, int64_t offset) {
+  const acc_t m = chunk_max(x, n);
+  if (!(m > am.value)) return;
+  int64_t i = 0;
+  while (!(x[i] == m)) ++i;
+  am = {m, offset + i};
+}
+
+// Softmax statistics of one chunk (see values_stats, shared with the CUDA kernels).
 template <typename acc_t>
 inline SoftmaxStats<acc_t> chunk_stats(const acc_t* __restrict__ x, int64_t n, bool with_entropy) {
-  const acc_t m = chunk_max(x, n);
-  if (!(m > neg_inf<acc_t>())) return SoftmaxStats<acc_t>::empty();
-  acc_t s = 0, w = 0;
-  if (with_entropy) {
-#pragma omp simd reduction(+ : s, w)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t d = x[i] - m;
-      const acc_t e = fast_exp(d);
-      s += e;
-      w += e > acc_t(0) ? e * d : acc_t(0);
-    }
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += fast_exp(x[i] - m);
-  }
-  return {m, s, w};
+  return values_stats(x, n, with_entropy);
 }
 
 // Streams a row once, chunk by chunk, and returns its softmax statistics of x * scale.

@@ -236,14 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gjsd_cpu(const at::Tensor& z
 at::Tensor tile_logits(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        int64_t v0, int64_t v1, double inv_temperature, at::ScalarType acc) {
   const at::Tensor w = weight.slice(0, v0, v1);
-  at::Tensor logits;
-  if (h.scalar_type() == weight.scalar_type()) {
-    // CUDA bf16/fp16: tensor-core matmul with fp32 accumulation, rounded to the input dtype, then upcast.
-    logits = bias.has_value() ? at::addmm(bias->slice(0, v0, v1), h, w.t()) : at::mm(h, w.t());
-    logits = logits.to(acc);
-  } else {
-    logits = bias.has_value() ? at::addmm(bias->slice(0, v0, v1).to(acc), h, w.to(acc).t()) : at::mm(h, w.to(acc).t());
-  }
+  // CUDA bf16/fp16: the tensor-core GEMM writes fp32 (never bf16-rounded logits); CPU: h is already upcast.
+  at::Tensor logits = mm_acc(h, (h.scalar_type() == w.scalar_type() ? w : w.to(acc)).t(), acc);
+  if (bias.has_value()) logits.add_(bias->slice(0, v0, v1));
   return logits.mul_(inv_temperature);
 }
 
@@ -294,8 +289,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_vocab_lse_bwd_impl(const at:
     at::Tensor coef = tile_logits(h, weight, bias, v0, v1, inv_temperature, acc).sub_(l).exp_().mul_(g);
     const at::Tensor w = weight.slice(0, v0, v1);
     const at::Tensor c_mm = coef.to(h.scalar_type());
-    grad_h.add_(at::mm(c_mm, h.scalar_type() == w.scalar_type() ? w : w.to(acc)).to(acc));
-    grad_w.slice(0, v0, v1).copy_(at::mm(c_mm.t(), h).mul_(inv_temperature));
+    grad_h.add_(mm_acc(c_mm, h.scalar_type() == w.scalar_type() ? w : w.to(acc), acc));
+    grad_w.slice(0, v0, v1).copy_(mm_acc(c_mm.t(), h, acc).mul_(inv_temperature));
     if (bias.has_value()) grad_b.slice(0, v0, v1).copy_(coef.sum(0).mul_(inv_temperature));
   }
   return {grad_h.mul_(inv_temperature).to(acc_out ? acc : hidden.scalar_type()), grad_w, grad_b};
@@ -322,9 +317,11 @@ struct Cand {
   acc_t x;
   int64_t id;
 };
+// topk_order_key's order (topk_math.h), the CUDA kernel's: value desc (NaN first, ±0 equal), then id asc.
 template <typename acc_t>
 inline bool better(const Cand<acc_t>& a, const Cand<acc_t>& b) {
-  return a.x > b.x || (a.x == b.x && a.id < b.id);
+  const auto ka = topk_order_key(a.x), kb = topk_order_key(b.x);
+  return ka > kb || (ka == kb && a.id < b.id);
 }
 
 template <typename scalar_t>
@@ -355,12 +352,11 @@ void teacher_topk_rows(const at::Tensor& logits, int64_t k, double inv_temperatu
         st.merge(chunk_stats(buf, n, false));
         int64_t i = 0;
         for (; i < n && static_cast<int64_t>(heap.size()) < k; ++i) {
-          heap.push_back({buf[i] == buf[i] ? buf[i] : neg_inf<acc_t>(), start + i});
+          heap.push_back({buf[i], start + i});
           std::push_heap(heap.begin(), heap.end(), worse_on_top);
         }
         for (; i < n; ++i) {
-          // ids only grow, so an equal value never displaces the current (smaller-id) candidate
-          if (buf[i] > heap.front().x) {
+          if (better<acc_t>({buf[i], start + i}, heap.front())) {
             std::pop_heap(heap.begin(), heap.end(), worse_on_top);
             heap.back() = {buf[i], start + i};
             std::push_heap(heap.begin(), heap.end(), worse_on_top);
@@ -380,13 +376,8 @@ void teacher_topk_rows(const at::Tensor& logits, int64_t k, double inv_temperatu
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cpu(const at::Tensor& logits, int64_t k,
                                                                 double inv_temperature) {
-  TORCH_CHECK(logits.dim() >= 1 && k >= 1 && k <= logits.size(-1), "opdx::teacher_topk: need 1 <= k <= V, got k=",
-              k, " and V=", logits.dim() >= 1 ? logits.size(-1) : 0);
-  const auto acc_dtype = acc_dtype_for(logits);
-  const int64_t N = num_rows(logits);
-  at::Tensor ids = at::empty({N, k}, logits.options().dtype(at::kLong));
-  at::Tensor logprobs = at::empty({N, k}, logits.options().dtype(acc_dtype));
-  at::Tensor lse = at::empty({N}, logits.options().dtype(acc_dtype));
+  at::Tensor ids, logprobs, lse;
+  std::tie(ids, logprobs, lse) = teacher_topk_outputs(logits, k, std::numeric_limits<int64_t>::max());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "teacher_topk_cpu", [&] {
     teacher_topk_rows<scalar_t>(logits, k, inv_temperature, ids, logprobs, lse);
   });

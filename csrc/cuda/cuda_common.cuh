@@ -124,12 +124,18 @@ __device__ __forceinline__ acc_t block_sum(acc_t x) {
   return total;
 }
 
-// Threads per row-block: enough 16-byte vectors per thread to hide latency, at least one warp.
+// Most threads a row-block kernel is launched with; its __launch_bounds__ (so the compiler keeps the registers per
+// thread within what a block of that size may use, and the launch can never fail for lack of registers). float64
+// rows: 512 (their kernels need more than the 64 registers a 1024-thread block leaves each thread; no spills).
+template <typename acc_t>
+constexpr int kMaxRowThreads = sizeof(acc_t) == 8 ? 512 : 1024;
+
+// Threads per row-block: enough 16-byte vectors per thread to hide latency, at least one warp, at most `max_threads`.
 template <typename scalar_t>
-inline int threads_for_row(int64_t V) {
+inline int threads_for_row(int64_t V, int max_threads) {
   const int64_t vecs = (V + RowSplit<scalar_t>::kVec - 1) / RowSplit<scalar_t>::kVec;
   int threads = 32;
-  while (threads < 1024 && vecs > threads * 8) threads *= 2;
+  while (threads < max_threads && vecs > threads * 8) threads *= 2;
   return threads;
 }
 

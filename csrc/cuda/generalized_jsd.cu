@@ -14,14 +14,7 @@ std::tuple<at::Tensor, at::Tensor> generalized_jsd_fwd_cuda(const at::Tensor& st
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t N = num_rows(student);
   const int64_t V = student.size(-1);
-  const bool* mask_ptr = nullptr;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == N &&
-                    mask->device() == student.device(),
-                "opdx::generalized_jsd_fwd: mask must be a contiguous bool tensor on the logits' device with one "
-                "entry per row (", N, ")");
-    mask_ptr = mask->const_data_ptr<bool>();
-  }
+  const bool* mask_ptr = row_mask_ptr(mask, student, N);
   const bool is_double = student.scalar_type() == at::kDouble;
   const auto acc_dtype = acc_dtype_for(student);
   at::Tensor loss = at::empty({N}, student.options().dtype(acc_dtype));

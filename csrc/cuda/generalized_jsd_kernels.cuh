@@ -13,43 +13,24 @@
 namespace opdx {
 namespace cuda {
 
-struct ArgMax {
-  float value;
-  int64_t index;
-};
-
-__device__ __forceinline__ void argmax_update(ArgMax& a, float v, int64_t i) {
-  if (v > a.value || (v == a.value && i < a.index)) {
-    a.value = v;
-    a.index = i;
-  }
-}
-
-// Block-wide argmax (first index of the maximum); all threads get the index. blockDim.x % 32 == 0.
-__device__ __forceinline__ int64_t block_argmax(ArgMax a) {
-  __shared__ ArgMax partial[32];
+// Block-wide ArgMax (numerics.h's order: the CPU kernel's too); all threads get the index. blockDim.x % 32 == 0.
+template <typename acc_t>
+__device__ __forceinline__ int64_t block_argmax(ArgMax<acc_t> a) {
+  __shared__ ArgMax<acc_t> partial[32];
   __shared__ int64_t result;
 #pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) {
-    ArgMax o;
-    o.value = __shfl_xor_sync(0xffffffffu, a.value, m);
-    o.index = __shfl_xor_sync(0xffffffffu, a.index, m);
-    argmax_update(a, o.value, o.index);
-  }
+  for (int m = kWarpSize / 2; m > 0; m >>= 1)
+    a.merge({__shfl_xor_sync(0xffffffffu, a.value, m), __shfl_xor_sync(0xffffffffu, a.index, m)});
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (lane == 0) partial[warp] = a;
   __syncthreads();
   if (warp == 0) {
     const int nwarps = blockDim.x / kWarpSize;
-    a = lane < nwarps ? partial[lane] : ArgMax{-INFINITY, INT64_MAX};
+    a = lane < nwarps ? partial[lane] : ArgMax<acc_t>::empty();
 #pragma unroll
-    for (int m = kWarpSize / 2; m > 0; m >>= 1) {
-      ArgMax o;
-      o.value = __shfl_xor_sync(0xffffffffu, a.value, m);
-      o.index = __shfl_xor_sync(0xffffffffu, a.index, m);
-      argmax_update(a, o.value, o.index);
-    }
+    for (int m = kWarpSize / 2; m > 0; m >>= 1)
+      a.merge({__shfl_xor_sync(0xffffffffu, a.value, m), __shfl_xor_sync(0xffffffffu, a.index, m)});
     if (lane == 0) result = a.index;
   }
   __syncthreads();
@@ -116,6 +97,45 @@ __device__ __forceinline__ void for_each_entry(const scalar_t* __restrict__ srow
   for (int64_t i = split.tail0 + threadIdx.x; i < V; i += blockDim.x) f(i, to_acc<acc_t>(srow[i]), to_acc<acc_t>(trow[i]));
 }
 
+// out[i] = from_acc(g(xs_i, xt_i)) for the whole row: 16-byte loads as in for_each_entry and, when `out` shares the
+// input rows' alignment (in elements), the kVec results of a vector written with 16-byte stores.
+template <typename scalar_t, typename grad_t, typename acc_t, typename G>
+__device__ __forceinline__ void write_grad_row(const scalar_t* __restrict__ srow, const scalar_t* __restrict__ trow,
+                                               grad_t* __restrict__ out, int64_t V, bool vectorized, G&& g) {
+  constexpr int kVec = RowSplit<scalar_t>::kVec;
+  constexpr int kOutVec = RowSplit<grad_t>::kVec;  // grad_t elements per 16-byte store
+  const RowSplit<scalar_t> split(srow, V);
+  const bool vec_out = vectorized && kVec % kOutVec == 0 &&
+                       reinterpret_cast<uintptr_t>(out + split.head) % kVecBytes == 0;
+  if (!vec_out) {
+    for_each_entry<scalar_t, acc_t>(srow, trow, V, vectorized,
+                                    [&](int64_t i, acc_t xs, acc_t xt) { out[i] = from_acc<grad_t>(g(xs, xt)); });
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < split.head; i += blockDim.x)
+    out[i] = from_acc<grad_t>(g(to_acc<acc_t>(srow[i]), to_acc<acc_t>(trow[i])));
+  for (int64_t j = threadIdx.x; j < split.nvec; j += blockDim.x) {
+    const int64_t i0 = split.head + j * kVec;
+    const VecOf<scalar_t> vs = load_vec(srow + i0);
+    const VecOf<scalar_t> vt = load_vec(trow + i0);
+#pragma unroll
+    for (int part = 0; part < kVec / kOutVec; ++part) {
+      VecOf<grad_t> vo;
+#pragma unroll
+      for (int k = 0; k < kOutVec; ++k)
+        vo.v[k] = from_acc<grad_t>(g(to_acc<acc_t>(vs.v[part * kOutVec + k]), to_acc<acc_t>(vt.v[part * kOutVec + k])));
+      store_vec(out + i0 + part * kOutVec, vo);
+    }
+  }
+  for (int64_t i = split.tail0 + threadIdx.x; i < V; i += blockDim.x)
+    out[i] = from_acc<grad_t>(g(to_acc<acc_t>(srow[i]), to_acc<acc_t>(trow[i])));
+}
+
+// At most 512 threads: the float64 instantiation needs up to 84 registers per thread (1024·84 > 64k registers).
+// No __launch_bounds__(512): with it ptxas spills these kernels (-Xptxas -v, nvcc 13.0, sm_90); without it they use
+// at most 78 registers (float64), and 512 × 78 fits the 64k register file, so the launch cannot fail for lack of them.
+constexpr int kJsdMaxThreads = 512;
+
 template <int kMode, typename scalar_t, typename grad_t, typename acc_t>
 __global__ void generalized_jsd_fwd_kernel(const scalar_t* __restrict__ student, RowIndexer s_rows,
                                            const scalar_t* __restrict__ teacher, RowIndexer t_rows, int64_t V,
@@ -138,11 +158,11 @@ __global__ void generalized_jsd_fwd_kernel(const scalar_t* __restrict__ student,
   // Pass 1.
   SoftmaxStats<acc_t> ss = SoftmaxStats<acc_t>::empty();
   SoftmaxStats<acc_t> st = SoftmaxStats<acc_t>::empty();
-  ArgMax am{-INFINITY, INT64_MAX};
+  ArgMax<acc_t> am = ArgMax<acc_t>::empty();
   for_each_entry<scalar_t, acc_t>(srow, trow, V, vec_in, [&](int64_t i, acc_t xs, acc_t xt) {
     ss.add(xs * invT);
     st.add(xt * invT);
-    argmax_update(am, static_cast<float>(xs), i);
+    if (kMode != kJsdForwardKL) am.update(xs * invT, i);
   });
   ss = block_merge_stats(ss);
   st = block_merge_stats(st);
@@ -159,26 +179,33 @@ __global__ void generalized_jsd_fwd_kernel(const scalar_t* __restrict__ student,
 
   // Pass 2.
   acc_t loss = 0, total = 0;
-  for_each_entry<scalar_t, acc_t>(srow, trow, V, vec_in, [&](int64_t i, acc_t xs, acc_t xt) {
-    const acc_t ls = xs * invT - lse_s;
-    const acc_t lt = xt * invT - lse_t;
-    const acc_t d = jsd_delta(xs, xt, invT, c);
-    acc_t l, k;
-    jsd_element<kMode>(beta, ls, lt, d, anchor, l, k);
-    loss += l;
-    total += k;
-    if (kMode == kJsdForwardKL && out != nullptr)
-      out[i] = from_acc<grad_t>(jsd_element_grad<kMode>(beta, ls, lt, d, anchor, acc_t(0)) * invT);
-  });
+  if (kMode == kJsdForwardKL && out != nullptr) {
+    write_grad_row<scalar_t, grad_t, acc_t>(srow, trow, out, V, vec_in, [&](acc_t xs, acc_t xt) {
+      const acc_t ls = xs * invT - lse_s;
+      const acc_t lt = xt * invT - lse_t;
+      const acc_t d = jsd_delta(xs, xt, invT, c);
+      acc_t l, k;
+      jsd_element<kMode>(beta, ls, lt, d, anchor, l, k);
+      loss += l;
+      return jsd_element_grad<kMode>(beta, ls, lt, d, anchor, acc_t(0)) * invT;
+    });
+  } else {
+    for_each_entry<scalar_t, acc_t>(srow, trow, V, vec_in, [&](int64_t, acc_t xs, acc_t xt) {
+      acc_t l, k;
+      jsd_element<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c), anchor, l, k);
+      loss += l;
+      total += k;
+    });
+  }
   block_sum2(loss, total);
   if (threadIdx.x == 0) loss_out[r] = loss;
   if (kMode == kJsdForwardKL || out == nullptr) return;
 
   // Pass 3.
-  for_each_entry<scalar_t, acc_t>(srow, trow, V, vec_in, [&](int64_t i, acc_t xs, acc_t xt) {
-    out[i] = from_acc<grad_t>(jsd_element_grad<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t,
-                                                      jsd_delta(xs, xt, invT, c), anchor, total) *
-                              invT);
+  write_grad_row<scalar_t, grad_t, acc_t>(srow, trow, out, V, vec_in, [&](acc_t xs, acc_t xt) {
+    return jsd_element_grad<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c), anchor,
+                                   total) *
+           invT;
   });
 }
 
@@ -187,8 +214,7 @@ cudaError_t launch_generalized_jsd_fwd(const scalar_t* student, RowIndexer s_row
                                        RowIndexer t_rows, int64_t N, int64_t V, const bool* mask, acc_t beta,
                                        acc_t inv_temperature, acc_t* loss, grad_t* grad, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  // At most 512 threads: the float64 instantiation needs up to 84 registers per thread (1024·84 > 64k registers).
-  const int threads = threads_for_row<scalar_t>(V) < 512 ? threads_for_row<scalar_t>(V) : 512;
+  const int threads = threads_for_row<scalar_t>(V, kJsdMaxThreads);
   const unsigned blocks = static_cast<unsigned>(N);
   switch (jsd_mode_for_beta(static_cast<double>(beta))) {
     case kJsdForwardKL:

@@ -3,7 +3,7 @@
 // Each vocabulary tile: one cuBLAS GEMM (at::mm with an fp32 output, so bf16/fp16 inputs run on tensor cores with fp32
 // accumulation and no rounding of the logits) into a reused fp32 [N, tile] buffer, then the epilogue kernel. The
 // gradient coefficients of a tile are written in the weight dtype (bf16/fp16 tensor-core GEMMs, as Liger and CCE do)
-// and feed grad_h += G·W_tile (fp32 accumulator via addmm with an fp32 output) and grad_W_tile = Gᵀ·h.
+// and feed grad_h += G·W_tile (an fp32-output GEMM, then added) and grad_W_tile = Gᵀ·h.
 // Follow-up: a fused sm_90a wgmma kernel with this epilogue in registers, and row-chunked full-vocabulary passes
 // (fewer recomputed GEMMs) where memory allows; measure against this version.
 #include <limits>
@@ -16,7 +16,11 @@ namespace opdx {
 namespace cuda {
 namespace {
 
+using linear::check_jsd_bwd_inputs;
 using linear::check_linear_inputs;
+using linear::check_row_vectors;
+using linear::check_targets;
+using linear::kNumJsdStats;
 using linear::choose_tile;
 using linear::dispatch_jsd_mode;
 
@@ -34,11 +38,7 @@ struct TiledLinear {
 
   // out [N, n] (acc dtype) = h·W_tileᵀ; the bias is added by the epilogue kernels.
   void logits(int64_t v0, int64_t n, at::Tensor& out) const {
-    if (h.scalar_type() == acc) {
-      at::mm_out(out, h, weight_tile(v0, n).t());
-    } else {
-      at::mm_out(out, h, weight_tile(v0, n).t(), acc);
-    }
+    mm_acc_out(out, h, weight_tile(v0, n).t());
   }
 };
 
@@ -65,7 +65,9 @@ struct LinearGrads {
     if (G.scalar_type() == lin.acc) {
       grad_h.addmm_(G, wt);
     } else {
-      at::addmm_out(grad_h, grad_h, G, wt, lin.acc);  // fp32 accumulator, bf16/fp16 tensor-core GEMM
+      // fp32 product of the bf16/fp16 GEMM, then added: aten::addmm.dtype_out does not accept an fp32 `self` with
+      // bf16 mat1/mat2 (pytorch/pytorch#154086), so the accumulation is not fused into the GEMM.
+      grad_h.add_(mm_acc(G, wt, lin.acc));
     }
     if (grad_weight.numel() == 0) return;
     at::Tensor gw = grad_weight.narrow(0, v0, n);
@@ -92,9 +94,7 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_fwd_cuda(const at::Tens
   const char* op = "opdx::linear_token_logprobs_fwd";
   const int64_t V = weight.size(0);
   check_linear_inputs(op, hidden, weight, bias, V);
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.is_contiguous() &&
-                  targets.numel() == hidden.size(0),
-              op, ": targets must be a contiguous int64 [N] tensor");
+  check_targets("opdx::linear_token_logprobs_fwd", targets, hidden.size(0));
   const c10::cuda::CUDAGuard guard(hidden.device());
   const TiledLinear lin(hidden, weight, bias);
   const int64_t N = hidden.size(0);
@@ -139,9 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cuda(
   const c10::cuda::CUDAGuard guard(hidden.device());
   const TiledLinear lin(hidden, weight, bias);
   const int64_t N = hidden.size(0);
-  TORCH_CHECK(grad_logp.scalar_type() == lin.acc && lse.scalar_type() == lin.acc && grad_logp.is_contiguous() &&
-                  lse.is_contiguous() && grad_logp.numel() == N && lse.numel() == N,
-              op, ": grad_logp and lse must be contiguous [N] ", lin.acc, " tensors");
+  check_row_vectors("opdx::linear_token_logprobs_bwd", lin.acc, N, grad_logp, lse);
   LinearGrads grads(lin, V, bias.has_value(), weight_grad);
   if (N == 0) {
     grads.grad_weight.zero_();
@@ -175,43 +173,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cuda(
 // linear_generalized_jsd
 // ------------------------------------------------------------------------------------------------------------------
 
-struct JsdInputs {
-  TiledLinear student;
-  TiledLinear teacher;
-  const bool* mask;
-  int64_t N;
-  int64_t V;
-};
-
-void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws, const c10::optional<at::Tensor>& bs,
-                      const at::Tensor& ht, const at::Tensor& wt, const c10::optional<at::Tensor>& bt,
-                      const c10::optional<at::Tensor>& mask, int64_t V, double beta) {
-  check_linear_inputs(op, hs, ws, bs, V);
-  check_linear_inputs(op, ht, wt, bt, V);
-  TORCH_CHECK(hs.size(0) == ht.size(0), op, ": student and teacher hidden have different row counts");
-  TORCH_CHECK(hs.scalar_type() == ht.scalar_type(), op, ": student and teacher dtypes differ");
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,
-                ": mask must be a contiguous bool tensor with one entry per row");
-  }
-}
+using JsdInputs = linear::JsdInputs<TiledLinear>;
 
 std::tuple<at::Tensor, at::Tensor> linear_generalized_jsd_fwd_cuda(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const c10::optional<at::Tensor>& student_bias,
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const c10::optional<at::Tensor>& teacher_bias,
     const c10::optional<at::Tensor>& mask, int64_t vocab_size, double beta, double inv_temperature, int64_t tile) {
   const char* op = "opdx::linear_generalized_jsd_fwd";
-  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                   mask, vocab_size, beta);
+  linear::check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                           teacher_bias, mask, vocab_size, beta, /*same_dtype=*/true);
   const c10::cuda::CUDAGuard guard(student_hidden.device());
-  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
-                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
-                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  const JsdInputs in(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask,
+                     vocab_size);
   const int64_t N = in.N;
   const auto opts = student_hidden.options().dtype(in.student.acc);
   at::Tensor loss = at::zeros({N}, opts);
-  at::Tensor stats = at::zeros({4, N}, opts);
+  at::Tensor stats = at::zeros({kNumJsdStats, N}, opts);
   if (N == 0) return {loss, stats};
   const int64_t t = choose_tile(tile, N, in.V);
   const double inf = std::numeric_limits<double>::infinity();
@@ -273,18 +250,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_generalized_jsd_bwd_cuda(
     const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
     int64_t vocab_size, double beta, double inv_temperature, int64_t tile, bool weight_grad) {
   const char* op = "opdx::linear_generalized_jsd_bwd";
-  check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                   mask, vocab_size, beta);
+  linear::check_jsd_inputs(op, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                           teacher_bias, mask, vocab_size, beta, /*same_dtype=*/true);
   const c10::cuda::CUDAGuard guard(student_hidden.device());
-  const JsdInputs in{TiledLinear(student_hidden, student_weight, student_bias),
-                     TiledLinear(teacher_hidden, teacher_weight, teacher_bias),
-                     mask.has_value() ? mask->const_data_ptr<bool>() : nullptr, student_hidden.size(0), vocab_size};
+  const JsdInputs in(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask,
+                     vocab_size);
   const int64_t N = in.N;
-  TORCH_CHECK(grad_loss.scalar_type() == in.student.acc && grad_loss.is_contiguous() && grad_loss.numel() == N, op,
-              ": grad_loss must be a contiguous [N] ", in.student.acc, " tensor");
-  TORCH_CHECK(stats.scalar_type() == in.student.acc && stats.is_contiguous() && stats.dim() == 2 &&
-                  stats.size(0) == 4 && stats.size(1) == N,
-              op, ": stats must be the contiguous [4, N] row statistics returned by the forward");
+  check_jsd_bwd_inputs(op, in.student.acc, in.N, grad_loss, stats);
   LinearGrads grads(in.student, in.V, student_bias.has_value(), weight_grad);
   if (N == 0) {
     grads.grad_weight.zero_();

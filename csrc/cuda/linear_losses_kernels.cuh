@@ -17,6 +17,7 @@ namespace cuda {
 
 constexpr int kLinWarps = 8;  // rows (warps) per block
 constexpr int kLinThreads = kLinWarps * kWarpSize;
+constexpr int kFinalizeThreads = 256;  // one thread per row
 
 template <typename acc_t>
 __device__ __forceinline__ SoftmaxStats<acc_t> warp_merge_stats(SoftmaxStats<acc_t> st) {
@@ -130,7 +131,7 @@ cudaError_t launch_lse_finalize(int64_t N, const acc_t* run_max, const acc_t* ru
                                 int64_t ignore_index, const bool* mask, const acc_t* target_x, acc_t* lse, acc_t* logp,
                                 cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  lse_finalize_kernel<acc_t><<<static_cast<unsigned>((N + 255) / 256), 256, 0, stream>>>(
+  lse_finalize_kernel<acc_t><<<static_cast<unsigned>((N + kFinalizeThreads - 1) / kFinalizeThreads), kFinalizeThreads, 0, stream>>>(
       N, run_max, run_sum, targets, ignore_index, mask, target_x, lse, logp);
   return cudaGetLastError();
 }
@@ -337,7 +338,7 @@ cudaError_t launch_jsd_lse_finalize(int64_t N, acc_t beta, acc_t inv_temperature
                                     JsdRunState<acc_t> run, acc_t* stats, double* row_loss, double* row_total,
                                     cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  jsd_lse_finalize_kernel<kMode, acc_t><<<static_cast<unsigned>((N + 255) / 256), 256, 0, stream>>>(
+  jsd_lse_finalize_kernel<kMode, acc_t><<<static_cast<unsigned>((N + kFinalizeThreads - 1) / kFinalizeThreads), kFinalizeThreads, 0, stream>>>(
       N, beta, inv_temperature, mask, run, stats, row_loss, row_total);
   return cudaGetLastError();
 }
@@ -356,7 +357,7 @@ template <typename acc_t>
 cudaError_t launch_jsd_loss_finalize(int64_t N, const double* row_loss, const double* row_total, acc_t* loss,
                                      acc_t* stats, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  jsd_loss_finalize_kernel<acc_t><<<static_cast<unsigned>((N + 255) / 256), 256, 0, stream>>>(N, row_loss,
+  jsd_loss_finalize_kernel<acc_t><<<static_cast<unsigned>((N + kFinalizeThreads - 1) / kFinalizeThreads), kFinalizeThreads, 0, stream>>>(N, row_loss,
                                                                                              row_total, loss, stats);
   return cudaGetLastError();
 }

@@ -11,13 +11,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at:
                                                                        double inv_temperature, int64_t ignore_index,
                                                                        bool compute_entropy, bool inplace_backward) {
   (void)inplace_backward;
-  check_token_logprobs_fwd_inputs(logits, targets);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto opts = logits.options().dtype(acc_dtype_for(logits));
-  const int64_t N = targets.numel();
-  at::Tensor logp = at::empty({N}, opts);
-  at::Tensor lse = at::empty({N}, opts);
-  at::Tensor entropy = at::empty({compute_entropy ? N : 0}, opts);
+  at::Tensor logp, lse, entropy;
+  std::tie(logp, lse, entropy) = token_logprobs_outputs(logits, targets, compute_entropy);
+  const int64_t N = lse.numel();
   const RowIndexer rows = make_row_indexer(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_fwd_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -8,7 +8,7 @@ namespace cuda {
 
 // One block per row: each thread folds its 16-byte vectors into online softmax statistics, then the block merges.
 template <typename scalar_t, typename acc_t>
-__global__ void token_logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowIndexer rows, int64_t V,
+__global__ void __launch_bounds__(kMaxRowThreads<acc_t>) token_logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowIndexer rows, int64_t V,
                                           const int64_t* __restrict__ targets, acc_t inv_temperature,
                                           int64_t ignore_index, acc_t* __restrict__ logp, acc_t* __restrict__ lse,
                                           acc_t* __restrict__ entropy) {
@@ -31,21 +31,9 @@ __global__ void token_logprobs_fwd_kernel(const scalar_t* __restrict__ logits, R
   for (int64_t i = threadIdx.x; i < split.nvec; i += blockDim.x) {
     const VecOf<scalar_t> vec = load_vec(body + i * kVec);
     acc_t x[kVec];
-    acc_t vmax = neg_inf<acc_t>();
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      x[k] = to_acc<acc_t>(vec.v[k]) * inv_temperature;
-      vmax = max_of(vmax, x[k]);
-    }
-    if (!(vmax > neg_inf<acc_t>())) continue;
-    SoftmaxStats<acc_t> local{vmax, acc_t(0), acc_t(0)};
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const acc_t d = x[k] - vmax;
-      const acc_t e = fast_exp(d);
-      local.sum += e;
-      if (entropy) local.wsum += e > acc_t(0) ? e * d : acc_t(0);
-    }
+    for (int k = 0; k < kVec; ++k) x[k] = to_acc<acc_t>(vec.v[k]) * inv_temperature;
+    const SoftmaxStats<acc_t> local = values_stats(x, kVec, entropy != nullptr);  // as the CPU chunks (NaN → NaN)
     st.merge(local);
   }
   for (int64_t i = split.tail0 + threadIdx.x; i < V; i += blockDim.x) st.add(to_acc<acc_t>(row[i]) * inv_temperature);
@@ -72,7 +60,7 @@ __device__ __forceinline__ acc_t grad_element(scalar_t xv, acc_t inv_temperature
 // `logits` (in-place backward): every element is read before it is written by the same thread, and the target
 // element is finished by thread 0 after a barrier from the value it read first.
 template <typename scalar_t, typename acc_t>
-__global__ void token_logprobs_bwd_kernel(const scalar_t* logits, RowIndexer in_rows, scalar_t* grad,
+__global__ void __launch_bounds__(kMaxRowThreads<acc_t>) token_logprobs_bwd_kernel(const scalar_t* logits, RowIndexer in_rows, scalar_t* grad,
                                           RowIndexer out_rows, int64_t V, const int64_t* __restrict__ targets,
                                           acc_t inv_temperature, int64_t ignore_index,
                                           const acc_t* __restrict__ grad_logp, const acc_t* __restrict__ grad_entropy,
@@ -126,7 +114,7 @@ cudaError_t launch_token_logprobs_fwd(const scalar_t* logits, RowIndexer rows, i
                                       const int64_t* targets, acc_t inv_temperature, int64_t ignore_index,
                                       acc_t* logp, acc_t* lse, acc_t* entropy, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  const int threads = threads_for_row<scalar_t>(V);
+  const int threads = threads_for_row<scalar_t>(V, kMaxRowThreads<acc_t>);
   token_logprobs_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), threads, 0, stream>>>(
       logits, rows, V, targets, inv_temperature, ignore_index, logp, lse, entropy);
   return cudaGetLastError();
@@ -139,7 +127,7 @@ cudaError_t launch_token_logprobs_bwd(const scalar_t* logits, RowIndexer in_rows
                                       const acc_t* grad_entropy, const acc_t* lse, const acc_t* entropy,
                                       cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  const int threads = threads_for_row<scalar_t>(V);
+  const int threads = threads_for_row<scalar_t>(V, kMaxRowThreads<acc_t>);
   token_logprobs_bwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), threads, 0, stream>>>(
       logits, in_rows, grad, out_rows, V, targets, inv_temperature, ignore_index, grad_logp, grad_entropy, lse,
       entropy);

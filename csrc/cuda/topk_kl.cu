@@ -200,15 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_gjsd_cuda(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(const at::Tensor& logits, int64_t k,
                                                                  double inv_temperature) {
-  TORCH_CHECK(logits.dim() >= 1 && k >= 1 && k <= logits.size(-1), "opdx::teacher_topk: need 1 <= k <= V, got k=",
-              k, " and V=", logits.dim() >= 1 ? logits.size(-1) : 0);
-  TORCH_CHECK(k <= kMaxTeacherK, "opdx::teacher_topk: k=", k, " exceeds the CUDA kernel's limit of ", kMaxTeacherK);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc = acc_dtype_for(logits);
-  const int64_t N = num_rows(logits);
-  at::Tensor ids = at::empty({N, k}, logits.options().dtype(at::kLong));
-  at::Tensor logprobs = at::empty({N, k}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor ids, logprobs, lse;
+  std::tie(ids, logprobs, lse) = teacher_topk_outputs(logits, k, kMaxTeacherK);
+  const int64_t N = lse.numel();
   const RowIndexer rows = make_row_indexer(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "teacher_topk_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

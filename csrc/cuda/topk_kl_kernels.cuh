@@ -212,6 +212,8 @@ __global__ void __launch_bounds__(kDotWarps* kWarpSize)
 }
 
 // GJSD(β) over the K (or K+1) buckets per row; one thread per row.
+constexpr int kGjsdRowsPerBlock = 128;
+
 template <typename acc_t>
 __global__ void topk_gjsd_kernel(const acc_t* __restrict__ z, const acc_t* __restrict__ t,
                                  const acc_t* __restrict__ student_lse, int64_t N, int64_t K, acc_t beta,
@@ -230,26 +232,11 @@ __global__ void topk_gjsd_kernel(const acc_t* __restrict__ z, const acc_t* __res
 // ---------------------------------------------------------------------------------------------------------------
 // teacher_topk
 // ---------------------------------------------------------------------------------------------------------------
+// The radix select works on topk_order_key (topk_math.h: the CPU kernel's order too).
 template <typename acc_t>
-struct OrderedKey;
-template <>
-struct OrderedKey<float> {
-  using type = uint32_t;
-  // Monotone map float → uint32 (larger value ↔ larger key); NaN maps to 0 (never selected before real values).
-  __device__ __forceinline__ static uint32_t of(float x) {
-    if (x != x) return 0u;
-    const uint32_t b = __float_as_uint(x);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-  }
-};
-template <>
-struct OrderedKey<double> {
-  using type = unsigned long long;
-  __device__ __forceinline__ static unsigned long long of(double x) {
-    if (x != x) return 0ull;
-    const unsigned long long b = static_cast<unsigned long long>(__double_as_longlong(x));
-    return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
-  }
+struct OrderedKey {
+  using type = decltype(topk_order_key(acc_t(0)));
+  __device__ __forceinline__ static type of(acc_t x) { return topk_order_key(x); }
 };
 
 // Calls f(i, value_i) for every element of a row, with 16-byte vector loads for the aligned body.
@@ -270,9 +257,10 @@ __device__ __forceinline__ void for_each_in_row(const scalar_t* row, int64_t V, 
 constexpr int kRadixBits = 11;
 constexpr int kRadixBins = 1 << kRadixBits;
 
+// No __launch_bounds__: with it ptxas (nvcc 13.0, sm_80) spills this kernel; at 256 threads a block can never lack
+// registers (256 × 255 <= 64k).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kTopkThreads)
-    teacher_topk_kernel(const scalar_t* __restrict__ logits, RowIndexer rows, int64_t V, int k, acc_t inv_temperature,
+__global__ void teacher_topk_kernel(const scalar_t* __restrict__ logits, RowIndexer rows, int64_t V, int k, acc_t inv_temperature,
                         int64_t* __restrict__ ids_out, acc_t* __restrict__ lp_out, acc_t* __restrict__ lse_out) {
   using key_t = typename OrderedKey<acc_t>::type;
   constexpr int kKeyBits = static_cast<int>(sizeof(key_t) * 8);
@@ -498,7 +486,7 @@ template <typename acc_t>
 cudaError_t launch_topk_gjsd(const acc_t* z, const acc_t* t, const acc_t* student_lse, int64_t N, int64_t K,
                              acc_t beta, acc_t* loss, acc_t* grad_z, acc_t* grad_lse, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  constexpr int kThreads = 128;
+  constexpr int kThreads = kGjsdRowsPerBlock;
   topk_gjsd_kernel<acc_t><<<blocks_for(N, kThreads), kThreads, 0, stream>>>(z, t, student_lse, N, K, beta, loss,
                                                                              grad_z, grad_lse);
   return cudaGetLastError();

@@ -38,6 +38,66 @@ inline void check_linear_inputs(const char* op, const at::Tensor& hidden, const 
   }
 }
 
+// linear_token_logprobs: targets [N] (fwd) and the backward's per-row vectors.
+inline void check_targets(const char* op, const at::Tensor& targets, int64_t N) {
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.is_contiguous() &&
+                  targets.numel() == N,
+              op, ": targets must be a contiguous int64 [N] tensor (N = ", N, ")");
+}
+inline void check_row_vectors(const char* op, at::ScalarType acc, int64_t N, const at::Tensor& grad_logp,
+                              const at::Tensor& lse) {
+  TORCH_CHECK(grad_logp.scalar_type() == acc && lse.scalar_type() == acc && grad_logp.is_contiguous() &&
+                  lse.is_contiguous() && grad_logp.numel() == N && lse.numel() == N,
+              op, ": grad_logp and lse must be contiguous [N] ", acc, " tensors");
+}
+
+// linear_generalized_jsd. `same_dtype`: the CUDA kernels dispatch on one dtype for both sides; the CPU ones only
+// need one accumulation dtype.
+inline void check_jsd_inputs(const char* op, const at::Tensor& hs, const at::Tensor& ws,
+                             const c10::optional<at::Tensor>& bs, const at::Tensor& ht, const at::Tensor& wt,
+                             const c10::optional<at::Tensor>& bt, const c10::optional<at::Tensor>& mask, int64_t V,
+                             double beta, bool same_dtype) {
+  check_linear_inputs(op, hs, ws, bs, V);
+  check_linear_inputs(op, ht, wt, bt, V);
+  TORCH_CHECK(hs.size(0) == ht.size(0), op, ": student and teacher hidden have ", hs.size(0), " and ", ht.size(0),
+              " rows");
+  TORCH_CHECK(!same_dtype || hs.scalar_type() == ht.scalar_type(), op, ": student and teacher dtypes differ (",
+              hs.scalar_type(), " vs ", ht.scalar_type(), ")");
+  TORCH_CHECK(acc_dtype_for(hs) == acc_dtype_for(ht), op, ": student and teacher must both be float64 or neither");
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, op, ": beta must be in [0, 1], got ", beta);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == hs.size(0), op,
+                ": mask must be a contiguous bool tensor with one entry per row (", hs.size(0), ")");
+  }
+}
+
+// Row statistics saved for the backward, packed as one [4, N] tensor: lse_s, lse_t, anchor, row total.
+enum JsdStat : int64_t { kLseS = 0, kLseT = 1, kAnchor = 2, kTotal = 3, kNumJsdStats = 4 };
+
+inline void check_jsd_bwd_inputs(const char* op, at::ScalarType acc, int64_t N, const at::Tensor& grad_loss,
+                                 const at::Tensor& stats) {
+  TORCH_CHECK(grad_loss.scalar_type() == acc && grad_loss.is_contiguous() && grad_loss.numel() == N, op,
+              ": grad_loss must be a contiguous [N] ", acc, " tensor");
+  TORCH_CHECK(stats.scalar_type() == acc && stats.is_contiguous() && stats.dim() == 2 &&
+                  stats.size(0) == kNumJsdStats && stats.size(1) == N,
+              op, ": stats must be the contiguous [4, N] row statistics returned by the forward");
+}
+
+// Both sides of a linear_generalized_jsd call; Linear is the device's tiled lm_head (TiledLinear of each launch file).
+template <typename Linear>
+struct JsdInputs {
+  Linear student;
+  Linear teacher;
+  const bool* mask;
+  int64_t N;
+  int64_t V;
+
+  JsdInputs(const at::Tensor& sh, const at::Tensor& sw, const c10::optional<at::Tensor>& sb, const at::Tensor& th,
+            const at::Tensor& tw, const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& m, int64_t V_)
+      : student(sh, sw, sb), teacher(th, tw, tb), mask(m.has_value() ? m->const_data_ptr<bool>() : nullptr),
+        N(sh.size(0)), V(V_) {}
+};
+
 // Calls fn with the JSD mode for beta as a compile-time constant (kernels are templated on it).
 template <typename Fn>
 inline void dispatch_jsd_mode(double beta, Fn&& fn) {

@@ -115,8 +115,9 @@ struct SoftmaxStats {
 
   OPDX_HD static SoftmaxStats empty() { return {neg_inf<acc_t>(), acc_t(0), acc_t(0)}; }
 
+  // A NaN x is folded in like any value (its exp poisons `sum`), so a NaN anywhere makes the row's results NaN.
   OPDX_HD void add(acc_t x) {
-    if (!(x > neg_inf<acc_t>())) return;  // −inf (or NaN-free masked) entries
+    if (x == neg_inf<acc_t>()) return;  // masked entry
     if (x > max) {
       const acc_t shift = max - x;  // <= 0; −inf when this is the first finite entry
       const acc_t scale = fast_exp(shift);
@@ -125,7 +126,7 @@ struct SoftmaxStats {
       sum = sum * scale + acc_t(1);
       max = x;
     } else {
-      const acc_t d = x - max;
+      const acc_t d = x - max;  // NaN for a NaN x (also while max is still −inf)
       const acc_t e = fast_exp(d);
       sum += e;
       wsum += e * d;
@@ -133,9 +134,16 @@ struct SoftmaxStats {
   }
 
   OPDX_HD void merge(const SoftmaxStats& other) {
-    if (!(other.max > neg_inf<acc_t>())) return;
+    if (!(other.max > neg_inf<acc_t>())) {  // empty (adds 0) or NaN-poisoned with no finite entry (adds NaN)
+      sum += other.sum;
+      wsum += other.wsum;
+      return;
+    }
     if (!(max > neg_inf<acc_t>())) {
+      const acc_t s = sum, w = wsum;
       *this = other;
+      sum += s;
+      wsum += w;
       return;
     }
     const acc_t new_max = max_of(max, other.max);
@@ -148,12 +156,69 @@ struct SoftmaxStats {
     max = new_max;
   }
 
+  // An all −inf row: lse = −inf (so log p = −inf − (−inf) = NaN, torch's log_softmax) and entropy NaN; a NaN-poisoned
+  // row: NaN for both.
   OPDX_HD acc_t logsumexp() const {
-    return max > neg_inf<acc_t>() ? max + fast_log(sum) : neg_inf<acc_t>();
+    if (max > neg_inf<acc_t>()) return max + fast_log(sum);
+    return sum == acc_t(0) ? neg_inf<acc_t>() : sum;
   }
   OPDX_HD acc_t entropy() const {
-    return max > neg_inf<acc_t>() ? fast_log(sum) - wsum / sum : acc_t(0);
+    return max > neg_inf<acc_t>() ? fast_log(sum) - wsum / sum : static_cast<acc_t>(NAN);
   }
+};
+
+// A loop over a chunk: vectorized on the host, unrolled on the device (where n is a vector width known at compile time).
+#define OPDX_PRAGMA(x) _Pragma(#x)
+#if defined(__CUDACC__)
+#define OPDX_SIMD(clauses) OPDX_PRAGMA(unroll)
+#else
+#define OPDX_SIMD(clauses) OPDX_PRAGMA(omp simd clauses)
+#endif
+
+// Softmax statistics of n values x (already scaled), relative to their own maximum: the one definition every kernel
+// (CPU chunks, CUDA vectors) uses. The maximum ignores NaN; a NaN value makes `sum` NaN (NaN in → NaN out); −inf
+// values contribute nothing.
+template <typename acc_t>
+OPDX_HD SoftmaxStats<acc_t> values_stats(const acc_t* __restrict__ x, int64_t n, bool with_entropy) {
+  acc_t m = neg_inf<acc_t>();
+  OPDX_SIMD(reduction(max : m))
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  acc_t s = 0, w = 0;
+  if (!(m > neg_inf<acc_t>())) {  // every value −inf or NaN: only a NaN survives, into the sum
+    OPDX_SIMD(reduction(+ : s))
+    for (int64_t i = 0; i < n; ++i) s += x[i] == x[i] ? acc_t(0) : x[i];
+    return {m, s, acc_t(0)};
+  }
+  if (with_entropy) {
+    OPDX_SIMD(reduction(+ : s, w))
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t d = x[i] - m;
+      const acc_t e = fast_exp(d);
+      s += e;
+      w += e > acc_t(0) ? e * d : acc_t(0);
+    }
+  } else {
+    OPDX_SIMD(reduction(+ : s))
+    for (int64_t i = 0; i < n; ++i) s += fast_exp(x[i] - m);
+  }
+  return {m, s, w};
+}
+
+// Running argmax of a row by the one order every kernel uses: value descending, then index ascending; NaN values are
+// never selected; a row with no value above −inf gives index 0 (always in bounds).
+template <typename acc_t>
+struct ArgMax {
+  acc_t value;
+  int64_t index;
+
+  OPDX_HD static ArgMax empty() { return {neg_inf<acc_t>(), 0}; }
+  OPDX_HD void update(acc_t v, int64_t i) {
+    if (v > value || (v == value && v > neg_inf<acc_t>() && i < index)) {
+      value = v;
+      index = i;
+    }
+  }
+  OPDX_HD void merge(const ArgMax& o) { update(o.value, o.index); }
 };
 
 // p_v·log p_v with the 0·log 0 = 0 convention (−inf logits).
@@ -171,7 +236,7 @@ template <typename acc_t>
 OPDX_HD acc_t token_logprob_grad(acc_t x, acc_t lse, bool is_target, acc_t grad_logp, acc_t grad_entropy,
                                  acc_t entropy) {
   const acc_t log_p = x - lse;
-  const acc_t p = x > neg_inf<acc_t>() ? fast_exp(log_p) : acc_t(0);
+  const acc_t p = fast_exp(log_p);  // 0 for a masked x; NaN in a NaN or all −inf row (NaN gradient, like torch's)
   acc_t g = -grad_logp * p;
   if (is_target) g += grad_logp;
   if (grad_entropy != acc_t(0) && p > acc_t(0)) g -= grad_entropy * p * (log_p + entropy);
@@ -395,8 +460,9 @@ OPDX_HD void jsd_element(acc_t beta, acc_t log_ps, acc_t log_pt, acc_t delta, ac
   }
   const acc_t ps = q.student_small ? q.P * q.r : q.P;
   // Computed unconditionally and then selected (a branch-free body vectorizes); the ratio may be ±inf where ps = 0.
+  // A NaN ps (NaN row) is kept, so the row total and with it every gradient entry of the row is NaN.
   const acc_t weighted = ps * (jsd_student_log_ratio<kMode>(beta, q) - anchor);
-  total = ps > acc_t(0) ? weighted : acc_t(0);
+  total = !(ps <= acc_t(0)) ? weighted : acc_t(0);
 }
 
 // Gradient of the row loss w.r.t. one scaled student logit x_s/T (multiply by 1/T for raw logits):
@@ -410,7 +476,7 @@ OPDX_HD acc_t jsd_element_grad(acc_t beta, acc_t log_ps, acc_t log_pt, acc_t del
   if (kMode == kJsdForwardKL) return q.student_small ? q.P * q.em : -q.P * q.em;
   const acc_t ps = q.student_small ? q.P * q.r : q.P;
   const acc_t weighted = ps * ((jsd_student_log_ratio<kMode>(beta, q) - anchor) - total);
-  const acc_t g = ps > acc_t(0) ? weighted : acc_t(0);
+  const acc_t g = !(ps <= acc_t(0)) ? weighted : acc_t(0);
   return kMode == kJsdReverseKL ? g : (acc_t(1) - beta) * g;
 }
 

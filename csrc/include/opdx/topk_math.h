@@ -19,6 +19,23 @@
 
 namespace opdx {
 
+// The order of teacher_topk on every device, as an unsigned key (larger key ↔ earlier in the top-k; equal keys are
+// ordered by index ascending): value descending, −0 equal to +0, NaN above every value (torch.topk's treatment).
+OPDX_HD uint32_t topk_order_key(float x) {
+  if (x != x) return 0xffffffffu;
+  x += 0.0f;  // −0 + 0 = +0 (round to nearest): ±0 share one key
+  uint32_t b;
+  memcpy(&b, &x, sizeof(b));
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // +inf → 0xff800000, below every NaN key
+}
+OPDX_HD uint64_t topk_order_key(double x) {
+  if (x != x) return 0xffffffffffffffffull;
+  x += 0.0;
+  uint64_t b;
+  memcpy(&b, &x, sizeof(b));
+  return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+}
+
 template <typename acc_t>
 OPDX_HD acc_t tiny_mass();
 template <>

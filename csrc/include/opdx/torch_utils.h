@@ -71,6 +71,39 @@ inline void check_token_logprobs_bwd_inputs(const at::Tensor& grad_logp, const a
               "opdx::token_logprobs_bwd: grad_logp, lse and targets must have one entry per row");
 }
 
+// Per-row outputs of the row ops, allocated once for both devices (acc dtype; the logits' device).
+using RowOutputs3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// token_logprobs_fwd: logp, lse [N] and entropy ([N], or [0] without it).
+inline RowOutputs3 token_logprobs_outputs(const at::Tensor& logits, const at::Tensor& targets, bool compute_entropy) {
+  check_token_logprobs_fwd_inputs(logits, targets);
+  const auto opts = logits.options().dtype(acc_dtype_for(logits));
+  const int64_t N = targets.numel();
+  return {at::empty({N}, opts), at::empty({N}, opts), at::empty({compute_entropy ? N : 0}, opts)};
+}
+
+// teacher_topk: checks 1 <= k <= V (and k <= max_k, a kernel's limit) and returns ids [N, k] (int64), log-probs
+// [N, k] and lse [N].
+inline RowOutputs3 teacher_topk_outputs(const at::Tensor& logits, int64_t k, int64_t max_k) {
+  TORCH_CHECK(logits.dim() >= 1 && k >= 1 && k <= logits.size(-1), "opdx::teacher_topk: need 1 <= k <= V, got k=",
+              k, " and V=", logits.dim() >= 1 ? logits.size(-1) : 0);
+  TORCH_CHECK(k <= max_k, "opdx::teacher_topk: k=", k, " exceeds this device's kernel limit of ", max_k);
+  const auto acc = acc_dtype_for(logits);
+  const int64_t N = num_rows(logits);
+  return {at::empty({N, k}, logits.options().dtype(at::kLong)), at::empty({N, k}, logits.options().dtype(acc)),
+          at::empty({N}, logits.options().dtype(acc))};
+}
+
+// The optional per-row mask of generalized_jsd_fwd as a pointer (nullptr: every row on).
+inline const bool* row_mask_ptr(const c10::optional<at::Tensor>& mask, const at::Tensor& logits, int64_t N) {
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == N &&
+                  mask->device() == logits.device(),
+              "opdx::generalized_jsd_fwd: mask must be a contiguous bool tensor on the logits' device with one entry "
+              "per row (", N, ")");
+  return mask->const_data_ptr<bool>();
+}
+
 inline void check_generalized_jsd_inputs(const at::Tensor& student, const at::Tensor& teacher, double beta) {
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "opdx::generalized_jsd_fwd: student and teacher ",
               "dtypes differ (", student.scalar_type(), " vs ", teacher.scalar_type(), ")");
@@ -79,6 +112,20 @@ inline void check_generalized_jsd_inputs(const at::Tensor& student, const at::Te
               teacher.sizes());
   TORCH_CHECK(student.device() == teacher.device(), "opdx::generalized_jsd_fwd: student and teacher devices differ");
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "opdx::generalized_jsd_fwd: beta must be in [0, 1], got ", beta);
+}
+
+// a·b with an `acc` (fp32/fp64) result. Inputs already in `acc`: a plain matmul. bf16/fp16 inputs (CUDA): one tensor-
+// core GEMM that writes fp32 (aten::mm.dtype, torch >= 2.8; setup.py refuses older torch for CUDA builds), so no
+// result is rounded to the input dtype first. out= variant: `out` must be a contiguous `acc` tensor of the result shape.
+inline at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
+inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
 }
 
 }  // namespace opdx
