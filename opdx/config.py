@@ -95,6 +95,8 @@ class LossConfig:
     # sampled token, optionally summed over later tokens with weight discount^k; ratio exp(logp_train - logp_sampler)
     kl_coef: float = 1.0
     discount: float = 0.0  # 0 = per-token advantage, 1 = undiscounted sum over the rest of the completion
+    # opd: subtract the batch's mean advantage (a constant baseline; unbiased, lower variance, no rescaling)
+    baseline: bool = True
     is_clip: float | None = None  # PPO clip ε of the importance ratio (e.g. 0.2); null = no clipping
     # fused lm_head + loss (opdx.ops.linear_*: never forms [N, V] logits) for opd and gjsd: auto = on when the
     # vocabulary is >= 65536 and the student's lm_head is whole (not ZeRO-3); topk always works on hidden states

@@ -214,7 +214,8 @@ def discounted_future_sum(values: torch.Tensor, mask: torch.Tensor, discount: fl
 
 
 def opd_is_loss(student_logp: torch.Tensor, sampler_logp: torch.Tensor, teacher_logp: torch.Tensor,
-                mask: torch.Tensor, *, kl_coef: float = 1.0, discount: float = 0.0, is_clip: float | None = None):
+                mask: torch.Tensor, *, kl_coef: float = 1.0, discount: float = 0.0, is_clip: float | None = None,
+                baseline: bool = False):
     """Importance-sampled on-policy distillation (Tinker's recipe, DESIGN.md "OPD with importance sampling").
 
     Inputs ``[B, T]``, already shifted and masked like `opd_loss`: ``student_logp`` = log π_θ(x_t) (with grad,
@@ -226,6 +227,9 @@ def opd_is_loss(student_logp: torch.Tensor, sampler_logp: torch.Tensor, teacher_
     At ρ = 1 the gradient is REINFORCE's −A·∇log π_θ / n_valid. ``is_clip`` = ε: PPO's pessimistic
     min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) — a token with A > 0 stops pushing once ρ > 1+ε, one with A < 0 once ρ < 1−ε
     (zero gradient there); inside the trust region (and on the other side of it) the unclipped term is kept.
+    ``baseline``: subtract the mean advantage over the valid tokens (a constant baseline: the gradient stays unbiased
+    since E[∇log π] = 0 at every position; it removes the large common part of the advantage a weak student has,
+    without the rescaling of `opd_loss`'s normalization, which amplifies noise once the student is close).
 
     Returns ``(loss, stats)``; stats (python floats, over valid tokens): k1, k3 (reverse-KL estimates of the trained
     student vs the teacher), is_ratio_mean, is_clip_frac (tokens whose clipped term was the active one),
@@ -236,6 +240,8 @@ def opd_is_loss(student_logp: torch.Tensor, sampler_logp: torch.Tensor, teacher_
     n = mask.sum().clamp_min(1)
     sampler = sampler_logp.detach().to(dt)
     advantage = discounted_future_sum(-kl_coef * (sampler - teacher_logp.detach().to(dt)), mask, discount)
+    if baseline:
+        advantage = (advantage - advantage.sum() / n).masked_fill(~mask, 0.0)
     ratio = torch.exp((student_logp.to(dt) - sampler).masked_fill(~mask, 0.0))
     objective = ratio * advantage
     clipped_active = torch.zeros_like(mask)

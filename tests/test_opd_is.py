@@ -179,3 +179,21 @@ def test_shape_mismatch_raises():
         opd_is_loss(student, sampler, teacher, mask[:1])
     with pytest.raises(ValueError, match=r"must be \[B, T\]"):
         opd_is_loss(student[0], sampler[0], teacher[0], mask[0])
+
+
+def test_baseline_subtracts_the_mean_advantage():
+    """baseline=True: A_t - mean(A) over the valid tokens; masked tokens keep A = 0, the gradient stays finite."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    s = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
+    q, t = s.detach() + 0.1 * torch.randn(3, 7, dtype=torch.float64, generator=g), torch.randn(3, 7, dtype=torch.float64, generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    mask[0, 0] = True
+    loss, stats = opd_is_loss(s, q, t, mask, kl_coef=0.5, baseline=True)
+    a = -0.5 * (q - t)
+    a = torch.where(mask, a - a[mask].mean(), torch.zeros_like(a))
+    ref = -(torch.exp(s - q) * a)[mask].sum() / mask.sum()
+    assert torch.allclose(loss, ref)
+    assert abs(stats["advantage_mean"]) < 1e-12
+    (g_loss,) = torch.autograd.grad(loss, s)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    assert torch.allclose(g_loss, g_ref) and not g_loss[~mask].any()

@@ -64,7 +64,7 @@ def _opd(models, overrides, batch, rb):
     return loss, stats, signal
 
 
-def _reference(models, batch, q, t_logp, kl_coef=1.0, clip=None):
+def _reference(models, batch, q, t_logp, kl_coef=1.0, clip=None, baseline=True):
     """float64: -sum(rho * A) / n with rho = exp(logp - q), A = -kl_coef (q - t), from a fresh student forward;
     logp in the sampler's convention: temperature 1 over every lm_head row (the tiny models pad 512 -> 576)."""
     logits = models["student"](input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
@@ -73,19 +73,22 @@ def _reference(models, batch, q, t_logp, kl_coef=1.0, clip=None):
     m = batch.loss_mask
     rho = torch.exp(logp[m] - q[m].double())
     adv = -kl_coef * (q[m].double() - t_logp[m].double())
+    if baseline:
+        adv = adv - adv.mean()
     term = rho * adv
     if clip is not None:
         term = torch.minimum(term, rho.clamp(1 - clip, 1 + clip) * adv)
     return -term.sum() / m.sum()
 
 
-@pytest.mark.parametrize("shift, clip", [(0.0, None), (0.4, None), (0.4, 0.2)])
-def test_opd_importance_ratio_uses_sampler_logprobs(models, shift, clip):
+@pytest.mark.parametrize("shift, clip, baseline", [(0.0, None, True), (0.4, None, True), (0.4, 0.2, True),
+                                                   (0.4, 0.2, False)])
+def test_opd_importance_ratio_uses_sampler_logprobs(models, shift, clip, baseline):
     """The ratio is exp(trainer logp - sampler logp): 1 for HF rollouts of the live student (raw logprobs), e^shift
     when the sampler's logprobs are lowered by ``shift``; loss and gradients match a float64 reference."""
     rb, batch = _rollout(models)
     rb.sampling_logprobs = rb.sampling_logprobs - shift * rb.completion_mask
-    overrides = ["loss.kl_coef=0.7"] + ([f"loss.is_clip={clip}"] if clip else [])
+    overrides = ["loss.kl_coef=0.7", f"loss.baseline={baseline}"] + ([f"loss.is_clip={clip}"] if clip else [])
     loss, stats, signal = _opd(models, overrides, batch, rb)
     assert stats.is_ratio_sum / stats.n == pytest.approx(float(torch.exp(torch.tensor(shift))), rel=1e-4)
     if clip:
@@ -95,7 +98,7 @@ def test_opd_importance_ratio_uses_sampler_logprobs(models, shift, clip):
     q = torch.zeros(batch.targets.shape)
     q[batch.loss_mask] = rb.sampling_logprobs[rb.completion_mask]
     models["student"].zero_grad(set_to_none=True)
-    ref = _reference(models, batch, q, signal.token_logprobs, kl_coef=0.7, clip=clip)
+    ref = _reference(models, batch, q, signal.token_logprobs, kl_coef=0.7, clip=clip, baseline=baseline)
     ref.backward()
     assert float(loss) == pytest.approx(float(ref), rel=1e-4, abs=1e-6)
     for n, p in models["student"].named_parameters():

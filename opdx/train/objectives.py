@@ -150,7 +150,7 @@ class OPD(Objective):
             q = sampler_logprobs(rollout, view)
             q = policy.detach() if q is None else q
             loss, is_stats = opd_is_loss(policy, q, t_logp, view.mask, kl_coef=c.kl_coef, discount=c.discount,
-                                         is_clip=c.is_clip)
+                                         is_clip=c.is_clip, baseline=c.baseline)
         loss, stats = self._finish(view, signal, loss, s_logp, self.wants_sft(source), t_logp)
         if is_stats is not None:
             stats.is_ratio_sum = is_stats["is_ratio_mean"] * stats.n
