@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import make_tiny_pair  # noqa: E402
+from tiny_models import load_tiny_pair  # noqa: E402
 
 from opdx.config import load_config  # noqa: E402
 
@@ -29,15 +29,10 @@ class _Engine:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
+    from opdx.models import aligned_vocab_size
 
-    from opdx.models import aligned_vocab_size, load_tokenizer
-
-    t_dir, s_dir = make_tiny_pair(str(tmp_path_factory.mktemp("opd") / "models"))
-    tok = load_tokenizer(s_dir)
-    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
-    return {"tok": tok, "student": student, "teacher": teacher, "vocab": aligned_vocab_size(tok, student, teacher)}
+    m = load_tiny_pair(str(tmp_path_factory.mktemp("opd") / "models"))
+    return {**m, "vocab": aligned_vocab_size(m["tok"], m["student"], m["teacher"])}
 
 
 def _rollout(models, n=3, max_new=8, seed=0):

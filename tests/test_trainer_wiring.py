@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import rel_err  # noqa: E402
-from tiny_models import make_tiny_pair  # noqa: E402
+from tiny_models import load_tiny_pair, make_tiny_pair  # noqa: E402
 
 from opdx.config import ConfigError, load_config  # noqa: E402
 
@@ -93,15 +93,7 @@ def test_server_teacher_unreachable_is_a_config_error():
 # --------------------------------------------------------------------------------------------- factories
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    from opdx.models import load_tokenizer
-
-    t_dir, s_dir = make_tiny_pair(str(tmp_path_factory.mktemp("wiring") / "models"))
-    tok = load_tokenizer(s_dir)
-    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
-    return {"tok": tok, "student": student, "teacher": teacher, "s_dir": s_dir, "t_dir": t_dir}
+    return load_tiny_pair(str(tmp_path_factory.mktemp("wiring") / "models"))
 
 
 def test_make_rollout_dispatch(models, monkeypatch):
@@ -195,7 +187,7 @@ def _run(cfg, student, teacher_model, batch, vocab, source, fused):
 
 
 @pytest.mark.parametrize("overrides, source", [
-    (["loss.kind=opd"], "student"),
+    (["loss.kind=opd", "loss.baseline=false"], "student"),  # with the mean baseline the value at ρ = 1 is 0
     (["loss.kind=opd", "loss.temperature=1.7", "loss.sft_alpha=0.3"], "dataset"),
     (["loss.kind=gjsd", "loss.beta=0.5"], "student"),
     (["loss.kind=gjsd", "loss.beta=0.0", "loss.temperature=0.8"], "student"),

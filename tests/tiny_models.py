@@ -16,6 +16,19 @@ def make_tiny_pair(out_dir: str, *, seed: int = 0, different_tokenizer: bool = F
     return make_tiny_models(out_dir, seed=seed, vocab_size=512, model_vocab_size=576)
 
 
+def load_tiny_pair(out_dir: str) -> dict:
+    """`make_tiny_pair` loaded: {"tok", "student", "teacher" (fp32 transformers models), "s_dir", "t_dir"}."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opdx.models import load_tokenizer
+
+    t_dir, s_dir = make_tiny_pair(out_dir)
+    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
+    return {"tok": load_tokenizer(s_dir), "student": student, "teacher": teacher, "s_dir": s_dir, "t_dir": t_dir}
+
+
 def write_prompts(path: str, n: int = 24, *, long_prompt: bool = False):
     words = ["apple", "river", "seven", "blue", "quick", "paris", "number", "sleep", "write", "color"]
     with open(path, "w") as f:
