@@ -23,7 +23,11 @@ class ServerError(RuntimeError):
 
 
 class ServerRejected(ServerError):
-    """The server answered 4xx: the request itself is wrong (not retried, and no other server would take it)."""
+    """The server at ``url`` answered 4xx: the request itself is wrong (not retried, no other server would take it)."""
+
+    def __init__(self, message: str, url: str = ""):
+        super().__init__(message)
+        self.url = url
 
 
 class _Retryable(Exception):
@@ -125,7 +129,7 @@ class CompletionsClient:
             try:
                 return fn()
             except _Fatal as exc:
-                raise ServerRejected(f"{what}: rejected by {self.base_url}: {exc}") from None
+                raise ServerRejected(f"{what}: rejected by {self.base_url}: {exc}", self.base_url) from None
             except _Retryable as exc:
                 last = exc
             if attempt < self.max_retries:

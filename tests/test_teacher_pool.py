@@ -202,3 +202,39 @@ def test_config_server_urls():
 def test_config_server_urls_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+# ------------------------------------------------------------------------------------------ in the trainer
+@pytest.mark.slow  # one 2-rank torchrun (~40 s on the shared CPU box)
+def test_trainer_with_two_servers_one_killed(tmp_path_factory, tmp_path):
+    """teacher.server_urls in a 2-rank run: the step records carry the per-server metrics; the server killed after
+    its first requests is down in the later steps and the run still trains on correct teacher answers."""
+    from opdx.models import load_tokenizer
+    from tests.test_train import metrics, torchrun
+    from tests.tiny_models import make_tiny_pair, write_prompts
+
+    d = tmp_path_factory.mktemp("tiny_pool")
+    teacher_dir, student = make_tiny_pair(str(d / "models"))
+    tiny = {"student": student, "teacher": teacher_dir, "train": write_prompts(str(d / "train.jsonl"), 24),
+            "eval": write_prompts(str(d / "eval.jsonl"), 8)}
+    servers = [KillableStub(), KillableStub()]
+    vocab = len(load_tokenizer(student))
+    for s in servers:
+        s.stub.vocab = vocab
+    servers[1].die_after = 12  # start-up checks + a few scoring requests of step 1
+    try:
+        out = tmp_path / "pool"
+        torchrun(tiny, out, "train.max_steps=3", "loss.kind=opd", f"teacher.server_urls=[{servers[0].url},"
+                 f"{servers[1].url}]", "teacher.path=", "teacher.max_retries=1", "eval.every=0", "save.final=false",
+                 "log.plot=false")
+    finally:
+        for s in servers:
+            if not s.dead:
+                s.stop()
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert servers[1].dead and rows[-1]["teacher_servers_up"] == 1
+    assert sum(r["teacher_server_1_failures"] for r in rows) >= 1
+    assert rows[-1]["teacher_server_1_requests"] == 0 and rows[-1]["teacher_server_0_requests"] > 0
+    assert all(r["teacher_server_0_latency_s"] > 0 for r in rows)
+    assert all(r["reverse_kl"] == r["reverse_kl"] and r["loss"] == r["loss"] for r in rows)

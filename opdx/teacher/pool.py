@@ -97,8 +97,21 @@ class ServerPool:
             _warn(f"the teacher servers serve differently named models {sorted(names)}: they must be the same "
                   "teacher (a different one would give a wrong signal)")
 
-    def up_clients(self) -> list[CompletionsClient]:
-        return [m.client for m in self.members if m.up]
+    def complete_on_each(self, what: str, payload: dict) -> list[dict]:
+        """``payload`` to every server that is up (start-up checks): one that fails is taken out, a 4xx answer is
+        raised (`ServerRejected`), and ServerError when no server is left."""
+        answers, errors = [], {}
+        for m in [m for m in self.members if m.up]:
+            try:
+                answers.append(m.client.complete(what, payload))
+            except ServerRejected:
+                raise
+            except ServerError as exc:
+                errors[m] = str(exc)
+                self._take_out(m, errors[m])
+        if not answers:
+            raise self._all_failed(what, errors)
+        return answers
 
     # ------------------------------------------------------------------------------------------ requests
     def complete(self, what: str, payload: dict, check=None):

@@ -100,16 +100,15 @@ class ServerTeacher:
         """Fail at start, with the fix, when a server cannot return ``k`` prompt logprobs per position (every
         server that is up is asked)."""
         payload = {"prompt": [0, 0], "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": int(k)}
-        for client in self.pool.up_clients():
-            try:
-                answer = client.complete("start-up check (prompt_logprobs=%d)" % k, payload)
-            except ServerRejected as exc:
-                if "logprobs" not in str(exc).lower():
-                    raise
-                raise TeacherServerError(
-                    f"teacher server {client.base_url} cannot return {k} prompt logprobs per position "
-                    f"(loss.topk={k}); restart it with `vllm serve ... --max-logprobs {max(k, 1)}` or lower "
-                    f"loss.topk. Server said: {exc}") from None
+        try:
+            answers = self.pool.complete_on_each("start-up check (prompt_logprobs=%d)" % k, payload)
+        except ServerRejected as exc:
+            if "logprobs" not in str(exc).lower():
+                raise
+            raise TeacherServerError(
+                f"teacher server {exc.url} cannot return {k} prompt logprobs per position (loss.topk={k}); restart "
+                f"it with `vllm serve ... --max-logprobs {max(k, 1)}` or lower loss.topk. Server said: {exc}") from None
+        for answer in answers:
             _parse_prompt_logprobs(answer, [0, 0], k)
 
     def _score_rows(self, batch, k: int):
