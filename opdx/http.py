@@ -153,10 +153,16 @@ class CompletionsClient:
         return self.call(what, once)
 
     def map(self, fn, items: list):
-        if len(items) <= 1 or self.max_concurrency == 1:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
-            return list(pool.map(fn, items))
+        return map_concurrently(fn, items, self.max_concurrency)
+
+
+def map_concurrently(fn, items: list, workers: int) -> list:
+    """``[fn(x) for x in items]`` with up to ``workers`` calls in flight (threads), in order."""
+    workers = min(int(workers), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def generate_via_completions(client, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float,
@@ -192,4 +198,5 @@ def generate_via_completions(client, prompts, *, seed: int, max_new_tokens: int,
     return batch_from_completions(prompts, comps, lps, finish, pad_id=pad_id, eos_ids=eos_ids)
 
 
-__all__ = ["CompletionsClient", "ServerError", "ServerRejected", "generate_via_completions", "get_json", "post_json"]
+__all__ = ["CompletionsClient", "ServerError", "ServerRejected", "generate_via_completions", "get_json",
+           "map_concurrently", "post_json"]

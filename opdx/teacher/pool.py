@@ -18,10 +18,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from opdx.http import CompletionsClient, ServerError, ServerRejected
+from opdx.http import CompletionsClient, ServerError, ServerRejected, map_concurrently
 
 
 @dataclass(eq=False)
@@ -136,11 +135,7 @@ class ServerPool:
 
     def map(self, fn, items: list):
         """``fn`` over ``items`` with up to ``max_concurrency`` requests in flight per server (in order)."""
-        workers = min(self.max_concurrency * len(self.members), len(items))
-        if workers <= 1:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(fn, items))
+        return map_concurrently(fn, items, self.max_concurrency * len(self.members))
 
     def _acquire(self, tried: list[Member]) -> Member | None:
         """The server for the next attempt (its outstanding count taken); when none is up, the untried ones are

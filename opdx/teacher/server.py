@@ -20,10 +20,10 @@ Temperature: vLLM computes prompt logprobs from the raw logits (no sampling proc
 temperature cannot be recovered from top-k values, so this teacher requires ``loss.temperature == 1`` and says so
 otherwise. The request itself uses ``temperature=0`` so the one generated token is greedy and cheap.
 
-Requests run concurrently (a thread pool, ``max_concurrency`` sequences in flight per server), each with a timeout and bounded
-retries with exponential backoff on connection errors, timeouts, 5xx/429 and malformed bodies; 4xx answers are not
-retried. After the last attempt the error names the request (batch row, sequence length, URL) and the cause:
-never silent zeros.
+Requests run concurrently (a thread pool, ``max_concurrency`` sequences in flight per server), each with a timeout
+and bounded retries with exponential backoff on connection errors, timeouts, 5xx/429 and malformed bodies; 4xx
+answers are not retried. After the last attempt (on every server of a pool) the error names the request (batch
+row, sequence length, URL) and the cause: never silent zeros.
 """
 
 from __future__ import annotations
