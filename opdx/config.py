@@ -50,9 +50,17 @@ class TeacherConfig:
     deepspeed: bool = False  # wrap the frozen teacher in a DeepSpeed ZeRO-3 inference engine
     logits_chunk: int = 2048  # rows of full-vocab teacher logits computed at once (gjsd)
     server_url: str = ""  # OpenAI-style `vllm serve` of the teacher (opdx.teacher.server); "" = local teacher
+    # several teacher servers (opdx.teacher.pool): requests go to the least loaded, a failing server is taken out
+    # and its requests re-sent to the others; teacher.server_url=X is the shorthand for [X]
+    server_urls: list = field(default_factory=list)
     timeout: float = 60.0  # server teacher: seconds per request
     max_retries: int = 3  # server teacher: retries per request (timeouts, connection errors, 5xx/429)
-    max_concurrency: int = 16  # server teacher: requests in flight per rank
+    max_concurrency: int = 16  # server teacher: requests in flight per rank and server
+    recheck_s: float = 30.0  # server teacher: seconds between health checks of a server taken out of the pool
+
+    def servers(self) -> list[str]:
+        """The teacher servers: teacher.server_urls, or [teacher.server_url], or [] (a local teacher)."""
+        return list(self.server_urls) or ([self.server_url] if self.server_url else [])
 
 
 @dataclass

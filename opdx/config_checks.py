@@ -44,7 +44,7 @@ def loss_rules(cfg) -> Rules:
 
 def model_rules(cfg) -> Rules:
     yield cfg.model.source != "path" or bool(cfg.model.path), "model.source=path needs model.path=<student dir>"
-    yield (cfg.model.source != "path" or bool(cfg.teacher.path) or bool(cfg.teacher.server_url),
+    yield (cfg.model.source != "path" or bool(cfg.teacher.path) or bool(cfg.teacher.servers()),
            "model.source=path needs teacher.path=<teacher dir> (or teacher.server_url=<vllm serve url>)")
 
 
@@ -76,9 +76,16 @@ def rollout_rules(cfg) -> Rules:
 
 
 def teacher_rules(cfg) -> Rules:
-    """A server teacher (teacher.server_url) gives token logprobs and top-k at temperature 1, nothing more."""
+    """A server teacher (teacher.server_url or server_urls) gives token logprobs and top-k at temperature 1, nothing
+    more."""
     t = cfg.teacher
-    if not t.server_url:
+    yield (not (t.server_url and t.server_urls) or list(t.server_urls) == [t.server_url],
+           f"teacher.server_url={t.server_url} and teacher.server_urls={list(t.server_urls)} are both set: "
+           "teacher.server_url is the one-server shorthand, so set only teacher.server_urls=[url, ...]")
+    yield (all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in t.server_urls)
+           and len(set(t.server_urls)) == len(t.server_urls),
+           f"teacher.server_urls must list distinct http(s)://HOST:PORT addresses, got {list(t.server_urls)}")
+    if not t.servers():
         return
     yield cfg.loss.kind != "gjsd", ("loss.kind=gjsd needs full teacher logits, which teacher.server_url cannot give; "
                                     "use loss.kind=opd or topk with a server teacher, or unset teacher.server_url")
@@ -88,8 +95,9 @@ def teacher_rules(cfg) -> Rules:
     yield not cfg.loss.tail, ("loss.tail=true needs the teacher's full-vocab logsumexp, which teacher.server_url "
                               "cannot give; set loss.tail=false")
     yield not t.deepspeed, "teacher.deepspeed=true wraps a local teacher; it cannot be combined with teacher.server_url"
-    yield (t.timeout > 0 and t.max_retries >= 0 and t.max_concurrency >= 1,
-           "teacher.timeout must be > 0, teacher.max_retries >= 0 and teacher.max_concurrency >= 1")
+    yield (t.timeout > 0 and t.max_retries >= 0 and t.max_concurrency >= 1 and t.recheck_s > 0,
+           "teacher.timeout must be > 0, teacher.max_retries >= 0, teacher.max_concurrency >= 1 and "
+           "teacher.recheck_s > 0")
 
 
 def training_rules(cfg) -> Rules:

@@ -22,6 +22,14 @@ class ServerError(RuntimeError):
     """A request to the server failed after its retries, or its answer was malformed."""
 
 
+class ServerRejected(ServerError):
+    """The server at ``url`` answered 4xx: the request itself is wrong (not retried, no other server would take it)."""
+
+    def __init__(self, message: str, url: str = ""):
+        super().__init__(message)
+        self.url = url
+
+
 class _Retryable(Exception):
     pass
 
@@ -91,12 +99,28 @@ class CompletionsClient:
     def model(self) -> str:
         """The served model name (``--served-model-name``), read once from ``/v1/models`` when not given."""
         if self._model is None:
-            out = self.call("GET /v1/models", lambda: get_json(self.base_url + "/v1/models", self.timeout))
-            try:
-                self._model = str(out["data"][0]["id"])
-            except (KeyError, IndexError, TypeError):
-                raise ServerError(f"{self.base_url}/v1/models: malformed answer {str(out)[:200]}") from None
+            self._model = self._model_name(self.call("GET /v1/models", self._get_models))
         return self._model
+
+    def probe(self) -> None:
+        """Health check: one GET /v1/models, no retries (reads the model name when not known yet); raises
+        ServerError with the cause when the server does not answer."""
+        try:
+            out = self._get_models()
+        except (_Retryable, _Fatal) as exc:
+            raise ServerError(f"GET {self.base_url}/v1/models: {exc}") from None
+        name = self._model_name(out)
+        if self._model is None:
+            self._model = name
+
+    def _get_models(self) -> dict:
+        return get_json(self.base_url + "/v1/models", self.timeout)
+
+    def _model_name(self, out: dict) -> str:
+        try:
+            return str(out["data"][0]["id"])
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(f"{self.base_url}/v1/models: malformed answer {str(out)[:200]}") from None
 
     def call(self, what: str, fn):
         """Run ``fn`` with bounded retries and exponential backoff; raise ServerError naming ``what``."""
@@ -105,7 +129,7 @@ class CompletionsClient:
             try:
                 return fn()
             except _Fatal as exc:
-                raise ServerError(f"{what}: rejected by {self.base_url}: {exc}") from None
+                raise ServerRejected(f"{what}: rejected by {self.base_url}: {exc}", self.base_url) from None
             except _Retryable as exc:
                 last = exc
             if attempt < self.max_retries:
@@ -129,10 +153,16 @@ class CompletionsClient:
         return self.call(what, once)
 
     def map(self, fn, items: list):
-        if len(items) <= 1 or self.max_concurrency == 1:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
-            return list(pool.map(fn, items))
+        return map_concurrently(fn, items, self.max_concurrency)
+
+
+def map_concurrently(fn, items: list, workers: int) -> list:
+    """``[fn(x) for x in items]`` with up to ``workers`` calls in flight (threads), in order."""
+    workers = min(int(workers), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def generate_via_completions(client, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float,
@@ -168,4 +198,5 @@ def generate_via_completions(client, prompts, *, seed: int, max_new_tokens: int,
     return batch_from_completions(prompts, comps, lps, finish, pad_id=pad_id, eos_ids=eos_ids)
 
 
-__all__ = ["CompletionsClient", "ServerError", "generate_via_completions", "get_json", "post_json"]
+__all__ = ["CompletionsClient", "ServerError", "ServerRejected", "generate_via_completions", "get_json",
+           "map_concurrently", "post_json"]

@@ -34,6 +34,20 @@ def prompt_logprobs_answer(tokens, k, vocab: int = V):
             "choices": [{"index": 0, "text": "x", "finish_reason": "length", "prompt_logprobs": out}]}
 
 
+def greedy_answer(prompt, max_tokens: int, vocab: int = V):
+    """A generation answer (teacher completions for seq_kd and the eval references): the stub teacher's greedy
+    tokens with their logprobs."""
+    seq, lps = list(prompt), []
+    for _ in range(max_tokens):
+        lp = stub_logprobs(seq[-1], len(seq), vocab)
+        t = int(torch.argmax(lp))
+        seq.append(t)
+        lps.append(float(lp[t]))
+    return {"id": "cmpl-2", "object": "text_completion", "model": "stub",
+            "choices": [{"index": 0, "text": "x", "finish_reason": "length", "token_ids": seq[len(prompt):],
+                         "logprobs": {"token_logprobs": lps}}]}
+
+
 class Stub:
     def __init__(self):
         self.mode = "ok"
@@ -64,8 +78,11 @@ def make_handler(stub: Stub):
             with stub.lock:
                 stub.calls += 1
                 n = stub.calls
-            k = req.get("prompt_logprobs", 0)
-            assert req["max_tokens"] == 1 and req["model"] == "stub"
+            assert req["model"] == "stub"
+            if "prompt_logprobs" not in req:  # generation
+                return self._send(200, json.dumps(greedy_answer(req["prompt"], req["max_tokens"], stub.vocab)).encode())
+            k = req["prompt_logprobs"]
+            assert req["max_tokens"] == 1
             if k > stub.max_logprobs:
                 msg = f"Requested prompt logprobs of {k}, which is greater than max allowed: {stub.max_logprobs}"
                 return self._send(400, json.dumps({"error": {"message": msg}}).encode())

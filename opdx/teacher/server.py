@@ -1,4 +1,6 @@
-"""A teacher behind the OpenAI-compatible completions endpoint of a stock ``vllm serve`` (``teacher.server_url``).
+"""A teacher behind the OpenAI-compatible completions endpoint of a stock ``vllm serve`` (``teacher.server_url``), or
+of several (``teacher.server_urls``: a `opdx.teacher.pool.ServerPool` spreads the requests and takes failing servers
+out).
 
 Scoring sends each sequence as token ids with ``prompt_logprobs=k`` and ``max_tokens=1``: vLLM returns, for every
 prompt position j >= 1, a dict ``{token_id: {"logprob", "rank", "decoded_token"}}`` holding the top-k tokens of
@@ -18,10 +20,10 @@ Temperature: vLLM computes prompt logprobs from the raw logits (no sampling proc
 temperature cannot be recovered from top-k values, so this teacher requires ``loss.temperature == 1`` and says so
 otherwise. The request itself uses ``temperature=0`` so the one generated token is greedy and cheap.
 
-Requests run concurrently (a thread pool, ``max_concurrency`` sequences in flight), each with a timeout and bounded
-retries with exponential backoff on connection errors, timeouts, 5xx/429 and malformed bodies; 4xx answers are not
-retried. After the last attempt the error names the request (batch row, sequence length, URL) and the cause:
-never silent zeros.
+Requests run concurrently (a thread pool, ``max_concurrency`` sequences in flight per server), each with a timeout
+and bounded retries with exponential backoff on connection errors, timeouts, 5xx/429 and malformed bodies; 4xx
+answers are not retried. After the last attempt (on every server of a pool) the error names the request (batch
+row, sequence length, URL) and the cause: never silent zeros.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import math
 
 import torch
 
-from opdx.http import CompletionsClient, ServerError, generate_via_completions
+from opdx.http import ServerError, ServerRejected, generate_via_completions
 from opdx.teacher import TeacherSignal
+from opdx.teacher.pool import ServerPool
 
 
 TeacherServerError = ServerError  # the teacher's name for the shared client's error
@@ -83,28 +86,30 @@ class ServerTeacher:
 
     kinds = ("opd", "sft", "topk")
 
-    def __init__(self, base_url: str, *, topk: int = 0, model: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 3, backoff: float = 0.5, max_concurrency: int = 16, check: bool = True):
-        self.client = CompletionsClient(base_url, model=model, timeout=timeout, max_retries=max_retries,
-                                        backoff=backoff, max_concurrency=max_concurrency)
+    def __init__(self, urls: str | list[str], *, topk: int = 0, model: str | None = None, timeout: float = 60.0,
+                 max_retries: int = 3, backoff: float = 0.5, max_concurrency: int = 16, recheck_s: float = 30.0,
+                 check: bool = True):
+        self.pool = ServerPool(urls, model=model, timeout=timeout, max_retries=max_retries, backoff=backoff,
+                               max_concurrency=max_concurrency, recheck_s=recheck_s)
         self.topk = int(topk)
         self.zero3 = False
         if check:
             self.check_server(self.topk)
 
     def check_server(self, k: int) -> None:
-        """Fail at start, with the fix, when the server cannot return ``k`` prompt logprobs per position."""
+        """Fail at start, with the fix, when a server cannot return ``k`` prompt logprobs per position (every
+        server that is up is asked)."""
         payload = {"prompt": [0, 0], "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": int(k)}
         try:
-            answer = self.client.complete("start-up check (prompt_logprobs=%d)" % k, payload)
-        except TeacherServerError as exc:
-            if "rejected by" in str(exc) and "logprobs" in str(exc).lower():
-                raise TeacherServerError(
-                    f"teacher server {self.client.base_url} cannot return {k} prompt logprobs per position "
-                    f"(loss.topk={k}); restart it with `vllm serve ... --max-logprobs {max(k, 1)}` or lower "
-                    f"loss.topk. Server said: {exc}") from None
-            raise
-        _parse_prompt_logprobs(answer, [0, 0], k)
+            answers = self.pool.complete_on_each("start-up check (prompt_logprobs=%d)" % k, payload)
+        except ServerRejected as exc:
+            if "logprobs" not in str(exc).lower():
+                raise
+            raise TeacherServerError(
+                f"teacher server {exc.url} cannot return {k} prompt logprobs per position (loss.topk={k}); restart "
+                f"it with `vllm serve ... --max-logprobs {max(k, 1)}` or lower loss.topk. Server said: {exc}") from None
+        for answer in answers:
+            _parse_prompt_logprobs(answer, [0, 0], k)
 
     def _score_rows(self, batch, k: int):
         ids = batch.input_ids.cpu()
@@ -117,9 +122,9 @@ class ServerTeacher:
                 return None
             what = f"teacher scoring request for batch row {b} ({len(tokens)} tokens, prompt_logprobs={k})"
             payload = {"prompt": tokens, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
-            return self.client.complete(what, payload, check=lambda a: _parse_prompt_logprobs(a, tokens, k))
+            return self.pool.complete(what, payload, check=lambda a: _parse_prompt_logprobs(a, tokens, k))
 
-        return self.client.map(one, rows)
+        return self.pool.map(one, rows)
 
     @torch.no_grad()
     def score(self, batch, kind: str, *, vocab_size: int, temperature: float = 1.0, topk: int = 0) -> TeacherSignal:
@@ -166,7 +171,7 @@ class ServerTeacher:
     def generate(self, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float, eos_ids,
                  pad_id: int, synced_gpus: bool = False, vocab_size: int | None = None):
         """Teacher completions for sequence-level KD (`loss.seq_kd`) through the same endpoint."""
-        return generate_via_completions(self.client, prompts, seed=seed, max_new_tokens=max_new_tokens,
+        return generate_via_completions(self.pool, prompts, seed=seed, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
                                         what="teacher generation")
 

@@ -103,7 +103,7 @@ def resolve_model_dirs(cfg: Config) -> tuple[str, str]:
     src = cfg.model.source
     if src == "path":
         _check_model_dir(cfg.model.path, "model.path (student)")
-        if cfg.teacher.server_url and not cfg.teacher.path:
+        if cfg.teacher.servers() and not cfg.teacher.path:
             return "", cfg.model.path  # server teacher, no local tokenizer to compare against
         _check_model_dir(cfg.teacher.path, "teacher.path")
         return cfg.teacher.path, cfg.model.path
@@ -133,15 +133,17 @@ def build_student(cfg: Config, student_dir: str, device):
 
 
 def build_server_teacher(cfg: Config):
-    """`ServerTeacher` on teacher.server_url (probes the server once: a bad URL or --max-logprobs is a ConfigError)."""
+    """`ServerTeacher` on the teacher servers (teacher.server_urls or server_url; each probed once: none answering
+    or a too low --max-logprobs is a ConfigError)."""
     from opdx.teacher.server import ServerTeacher, TeacherServerError
 
     t = cfg.teacher
+    key = "teacher.server_urls" if t.server_urls else "teacher.server_url"
     try:
-        return ServerTeacher(t.server_url, topk=cfg.loss.topk if cfg.loss.kind == "topk" else 0, timeout=t.timeout,
-                             max_retries=t.max_retries, max_concurrency=t.max_concurrency)
+        return ServerTeacher(t.servers(), topk=cfg.loss.topk if cfg.loss.kind == "topk" else 0, timeout=t.timeout,
+                             max_retries=t.max_retries, max_concurrency=t.max_concurrency, recheck_s=t.recheck_s)
     except (TeacherServerError, ValueError) as exc:
-        raise ConfigError(f"teacher.server_url={t.server_url}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{key}={t.server_urls or t.server_url}: {str(exc).splitlines()[0]}") from None
 
 
 def load_teacher_model(cfg: Config, teacher_dir: str, device):
@@ -336,7 +338,7 @@ def _announce(cfg: Config, engine, vocab: int, fused: bool) -> None:
         err = check_packed_attention(engine.module, "student")
         if rank() == 0:
             print(f"opdx.train: model.packed=true: padding-free scoring forwards (student"
-                  f"{' and teacher' if cfg.teacher.server_url == '' else ''}; packing probe error {err:.1e})",
+                  f"{'' if cfg.teacher.servers() else ' and teacher'}; packing probe error {err:.1e})",
                   flush=True)
     if rank() == 0 and fused:
         print(f"opdx.train: loss.fused_linear={cfg.loss.fused_linear}: fused lm_head + {cfg.loss.kind} loss "
@@ -348,7 +350,7 @@ def build_engines(cfg: Config, device, data: Data) -> Trainer:
     from opdx.rollout import make_rollout
 
     student = build_student(cfg, data.student_dir, device)
-    if cfg.teacher.server_url:
+    if cfg.teacher.servers():
         teacher, teacher_model = build_server_teacher(cfg), None
         vocab = vocab_size(data.tokenizer, base_model(student))
     else:

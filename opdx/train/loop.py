@@ -15,6 +15,7 @@ from pathlib import Path
 
 from opdx.config import Config, ConfigError, load_config
 from opdx.report.metrics import kl_rise_warning
+from opdx.teacher.pool import counters_metrics
 from opdx.train.build import Trainer, build
 from opdx.train.checkpoint import save_checkpoint, save_final
 from opdx.train.distributed import all_reduce_sum, barrier, destroy, rank, single_process_env, world
@@ -108,6 +109,9 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
         record["is_clip_frac"] = sums.is_clip / max(ntok, 1)
     if sums.mismatch_tokens:  # mean |Δlogp| between vLLM's sampling logprobs and the trainer's (temperature-1) own
         record["rollout_logprob_mismatch"] = sums.mismatch / sums.mismatch_tokens
+    pool = getattr(t.teacher, "pool", None)
+    if pool is not None:  # server teacher: per-server requests, latency, failures (summed over ranks), servers up
+        record.update(counters_metrics(all_reduce_sum(pool.take_counters())))
     return record
 
 
