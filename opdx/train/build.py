@@ -19,10 +19,10 @@ from opdx import models
 from opdx.config import Config, ConfigError
 from opdx.config_checks import CROSS_TOKENIZER_KINDS
 from opdx.data import Example, Sampler, encode_examples, load_examples
+from opdx.train import xtok_scoring
 from opdx.train.checkpoint import load_checkpoint, newest_checkpoint
 from opdx.train.distributed import barrier, rank, world
 from opdx.train.objectives import Objective, make_objective
-from opdx.train import xtok_scoring
 from opdx.train.scoring import base_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
