@@ -211,9 +211,11 @@ def test_teacher_retokenizes_and_aligns_by_bytes(xtok):
 
     cfg, data, _, _, teacher, _ = _xtok_setup(xtok, "uld")
     s_tok, t_tok = data.tokenizer, data.teacher_tokenizer
-    split = s_tok("é", add_special_tokens=False)["input_ids"]
-    assert len(split) == 2 or len(s_tok("🍕", add_special_tokens=False)["input_ids"]) > 1
-    completions = data.train_responses[:4] + [s_tok("ok ")["input_ids"] + s_tok("🍕")["input_ids"][:1]]
+    pizza = s_tok("🍕", add_special_tokens=False)["input_ids"]  # four byte tokens in the student's vocabulary
+    cut = s_tok("ok ", add_special_tokens=False)["input_ids"] + pizza[:1]
+    with pytest.raises(UnicodeDecodeError):
+        _side_bytes(s_tok, cut).decode()
+    completions = data.train_responses[:4] + [cut]
     batch = build_batch(data.train_prompts[:5], completions, data.pad_id)
     t_batch, alignment = teacher.teacher_batch(batch)
     prompts = _prompt_texts(xtok)
@@ -231,7 +233,7 @@ def test_teacher_retokenizes_and_aligns_by_bytes(xtok):
         for g in range(int(alignment.num_groups[b])):
             s_bytes = _side_bytes(s_tok, [i for i, k in zip(s_ids, s_groups) if k == g])
             t_bytes = _side_bytes(t_tok, [i for i, k in zip(t_ids, t_groups) if k == g])
-            assert s_bytes == t_bytes or b"\xef\xbf\xbd" in t_bytes, (b, g, s_bytes, t_bytes)
+            assert s_bytes == t_bytes or (b == 4 and t_bytes == "\ufffd".encode()), (b, g, s_bytes, t_bytes)
     assert int(alignment.num_groups.sum()) < int(batch.loss_mask.sum())  # some groups merge several tokens
 
 
