@@ -86,8 +86,9 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    # opd | gjsd | topk | sft (cross-entropy only, on teacher/dataset sequences: lmbda=0). topk: any ZeRO stage (the
-    # loss runs inside the lm_head's module call), LoRA unless lm_head is among model.lora_target_modules
+    # opd | gjsd | topk | sft (cross-entropy only, on teacher/dataset sequences: lmbda=0) | minillm (same tokenizer,
+    # student samples: lmbda=1) | uld | gold (a teacher with another tokenizer, docs/cross-tokenizer.md). topk: any
+    # ZeRO stage (the loss runs inside the lm_head's module call), LoRA unless lm_head is in model.lora_target_modules
     kind: str = "opd"
     beta: float = 0.5  # gjsd / topk: 0 = forward KL, 1 = reverse KL
     temperature: float = 1.0  # distillation temperature: both sides' logits are divided by it
@@ -109,6 +110,20 @@ class LossConfig:
     # fused lm_head + loss (opdx.ops.linear_*: never forms [N, V] logits) for opd and gjsd: auto = on when the
     # vocabulary is >= 65536 and the student's lm_head is whole (not ZeRO-3); topk always works on hidden states
     fused_linear: str = "auto"
+    # minillm (opdx.xtok.minillm): reward log pi_T - log pi_S of each sampled token (detached); a token's long-term
+    # term weighs -log pi_S by the gamma^k-discounted sum of the later tokens' rewards (gamma in [0, 1]) ...
+    gamma: float = 1.0
+    length_normalize: bool = True  # minillm: ... divided by the sum of those discounts (the paper's normalization)
+    # uld / gold (docs/cross-tokenizer.md): per aligned group, each side's M largest merged probabilities plus one
+    # tail bucket, sorted descending and compared as sum |s_i - t_i|^uld_p (memory O(groups * M))
+    uld_topm: int = 64
+    uld_p: float = 1.0  # uld / gold: the exponent of the sorted distance (1 = L1)
+    # gold: weight of the GJSD(beta) term over the string-matched sub-vocabulary, the rest of each group going to the
+    # ULD term: "matched" = the teacher's probability mass on the matched tokens (per group), or a constant in [0, 1]
+    gold_weight: str = "matched"
+    # uld / gold: one distribution per side and group from the group's first position, times the probabilities of
+    # the tokens observed after it inside the group ("observed"), or the first position's alone ("first")
+    merge_rule: str = "observed"
 
 
 @dataclass
@@ -210,7 +225,8 @@ CHOICES = {
     "rollout.engine": ("hf", "vllm"),
     "rollout.mode": ("colocate", "server"),
     "loss.fused_linear": ("auto", "true", "false"),
-    "loss.kind": ("opd", "gjsd", "topk", "sft"),
+    "loss.kind": ("opd", "gjsd", "topk", "sft", "minillm", "uld", "gold"),
+    "loss.merge_rule": ("observed", "first"),
     "deepspeed.backend": ("auto", "gloo", "nccl"),
 }
 

@@ -18,6 +18,54 @@ def lora_targets_lm_head(targets) -> bool:
     return any(str(t).rsplit(".", 1)[-1] == "lm_head" for t in (targets or ()))
 
 
+CROSS_TOKENIZER_KINDS = ("uld", "gold")  # loss kinds whose teacher may have another tokenizer
+FULL_LOGITS_KINDS = ("gjsd", "minillm", "uld", "gold")  # loss kinds that need the teacher's full next-token rows
+
+
+def gold_matched_weight(value: str) -> float | None:
+    """loss.gold_weight as the weight `opdx.xtok.gold_loss` takes: None for "matched", else a float in [0, 1]
+    (ValueError otherwise)."""
+    if str(value).strip().lower() == "matched":
+        return None
+    weight = float(value)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(value)
+    return weight
+
+
+def _gold_weight_ok(value: str) -> bool:
+    try:
+        gold_matched_weight(value)
+    except ValueError:
+        return False
+    return True
+
+
+def cross_tokenizer_rules(cfg) -> Rules:
+    """minillm, uld and gold."""
+    loss = cfg.loss
+    yield (0.0 <= loss.gamma <= 1.0,
+           f"loss.gamma must be in [0, 1] (minillm's discount of later rewards), got {loss.gamma}")
+    yield loss.uld_topm >= 1, f"loss.uld_topm must be >= 1 (sorted probabilities kept per side), got {loss.uld_topm}"
+    yield (1.0 <= loss.uld_p < float("inf"),
+           f"loss.uld_p must be a finite number >= 1 (1 = L1 distance), got {loss.uld_p}")
+    yield (_gold_weight_ok(loss.gold_weight),
+           f"loss.gold_weight must be 'matched' (the teacher's matched share per group) or a number in [0, 1], got "
+           f"{loss.gold_weight!r}")
+    yield (not (loss.kind == "minillm" and loss.lmbda < 1.0),
+           f"loss.kind=minillm is a policy gradient on the student's own samples: set loss.lmbda=1 (got {loss.lmbda})")
+    yield (not (loss.kind in ("minillm", *CROSS_TOKENIZER_KINDS) and loss.fused_linear == "true"),
+           f"loss.kind={loss.kind} needs the student's full logits: set loss.fused_linear=auto or false")
+    if loss.kind not in CROSS_TOKENIZER_KINDS:
+        return
+    yield (not cfg.teacher.server_url,
+           f"loss.kind={loss.kind} with teacher.server_url is not supported yet: the cross-tokenizer teacher must be "
+           "local (set teacher.path=<teacher dir> and unset teacher.server_url)")
+    yield (not (loss.seq_kd and loss.lmbda < 1.0),
+           f"loss.kind={loss.kind} with loss.seq_kd=true is not supported yet (the teacher's generations would have "
+           "to be re-tokenized for the student): set loss.seq_kd=false (dataset responses) or loss.lmbda=1")
+
+
 def loss_rules(cfg) -> Rules:
     loss = cfg.loss
     yield 0.0 <= loss.beta <= 1.0, f"loss.beta must be in [0, 1], got {loss.beta}"
@@ -87,8 +135,9 @@ def teacher_rules(cfg) -> Rules:
            f"teacher.server_urls must list distinct http(s)://HOST:PORT addresses, got {list(t.server_urls)}")
     if not t.servers():
         return
-    yield cfg.loss.kind != "gjsd", ("loss.kind=gjsd needs full teacher logits, which teacher.server_url cannot give; "
-                                    "use loss.kind=opd or topk with a server teacher, or unset teacher.server_url")
+    yield cfg.loss.kind not in ("gjsd", "minillm"), (
+        f"loss.kind={cfg.loss.kind} needs full teacher logits, which teacher.server_url cannot give; use loss.kind=opd "
+        "or topk with a server teacher, or unset teacher.server_url")
     yield (abs(cfg.loss.temperature - 1.0) < 1e-12,
            f"teacher.server_url needs loss.temperature=1 (vLLM's prompt logprobs are at temperature 1), got "
            f"{cfg.loss.temperature}")
@@ -120,7 +169,8 @@ def training_rules(cfg) -> Rules:
 
 
 # in the order the checks run: the values of one section first, then the combinations that involve others
-SECTION_RULES = (loss_rules, rollout_rules, training_rules, model_rules, teacher_rules)
+SECTION_RULES = (loss_rules, cross_tokenizer_rules, rollout_rules, training_rules, model_rules, teacher_rules)
 
-__all__ = ["SECTION_RULES", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules", "teacher_rules",
+__all__ = ["CROSS_TOKENIZER_KINDS", "FULL_LOGITS_KINDS", "SECTION_RULES", "cross_tokenizer_rules",
+           "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules", "teacher_rules",
            "training_rules"]

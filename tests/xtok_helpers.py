@@ -34,7 +34,7 @@ def _byte_bpe(vocab_size: int, corpus: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from opdx.models import CHATML_TEMPLATE, SPECIAL_TOKENS
+    from opdx.models.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

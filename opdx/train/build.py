@@ -17,7 +17,9 @@ import torch
 
 from opdx import models
 from opdx.config import Config, ConfigError
+from opdx.config_checks import CROSS_TOKENIZER_KINDS
 from opdx.data import Example, Sampler, encode_examples, load_examples
+from opdx.train import xtok_scoring
 from opdx.train.checkpoint import load_checkpoint, newest_checkpoint
 from opdx.train.distributed import barrier, rank, world
 from opdx.train.objectives import Objective, make_objective
@@ -41,6 +43,8 @@ class Data:
     train_responses: list[list[int]]
     eval_prompts: list[list[int]]
     task: list[tuple[list[int], str]] = field(default_factory=list)  # (prompt ids, answer): eval task accuracy
+    teacher_tokenizer: Any = None  # loss.kind=uld / gold: the teacher's own tokenizer ...
+    teacher_prompts: dict = field(default_factory=dict)  # ... and {student prompt ids: teacher prompt ids}
 
 
 @dataclass
@@ -173,7 +177,7 @@ def resolve_fused_linear(cfg: Config, vocab: int, student) -> bool:
     Needs the student's lm_head weight whole and trained as a plain weight: not under ZeRO-3 (sharded) and not a
     LoRA-wrapped lm_head. ``true`` where that does not hold is a ConfigError; ``auto`` falls back to logits."""
     mode = cfg.loss.fused_linear
-    if mode == "false" or cfg.loss.kind == "topk":  # topk always works on hidden states + lm_head rows
+    if mode == "false" or cfg.loss.kind in ("topk", "minillm", *CROSS_TOKENIZER_KINDS):  # topk: hidden states
         return False
     head = base_model(student).get_output_embeddings()
     blocker = None
@@ -273,9 +277,16 @@ def prepare_data(cfg: Config, train_examples, eval_examples) -> Data:
     d = cfg.data
     teacher_dir, student_dir = resolve_model_dirs(cfg)
     tok = load_tokenizer(student_dir)
-    if teacher_dir:
-        with config_error("incompatible tokenizers", ValueError, TypeError):
-            models.check_tokenizers_compatible(tok, load_tokenizer(teacher_dir))
+    teacher_tok = load_tokenizer(teacher_dir) if teacher_dir else None
+    xtok = cfg.loss.kind in CROSS_TOKENIZER_KINDS
+    if teacher_tok is not None and not xtok:
+        try:
+            models.check_tokenizers_compatible(tok, teacher_tok)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"incompatible tokenizers: {str(exc).splitlines()[0]}; for a teacher with a different "
+                              "tokenizer use loss.kind=uld or loss.kind=gold (docs/cross-tokenizer.md)") from None
+    elif xtok:
+        xtok_scoring.check_teacher_tokenizer(cfg, teacher_tok, teacher_dir)
     if tok.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {student_dir} has no eos_token; set one (generation must stop)")
     eos_ids = [int(tok.eos_token_id)]
@@ -287,7 +298,12 @@ def prepare_data(cfg: Config, train_examples, eval_examples) -> Data:
     # checkable held-out prompts (records with an "answer"): greedy task accuracy at every eval
     task = [(p, str(ex.meta["answer"])) for p, ex in zip(eval_prompts, eval_examples)
             if cfg.eval.task and ex.meta and ex.meta.get("answer") not in (None, "")]
-    return Data(teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts, task)
+    data = Data(teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts, task)
+    if xtok:  # the same prompt texts encoded with the teacher's own chat template
+        data.teacher_tokenizer = teacher_tok
+        data.teacher_prompts = xtok_scoring.teacher_prompt_map(cfg, teacher_tok, (train_examples, train_prompts),
+                                                               (eval_examples, eval_prompts))
+    return data
 
 
 def check_runtime(cfg: Config) -> None:
@@ -355,13 +371,16 @@ def build_engines(cfg: Config, device, data: Data) -> Trainer:
         vocab = vocab_size(data.tokenizer, base_model(student))
     else:
         teacher_model = load_teacher_model(cfg, data.teacher_dir, device)
-        vocab = vocab_size(data.tokenizer, base_model(student), teacher_model)
+        same_vocab = [] if data.teacher_tokenizer is not None else [teacher_model]  # uld / gold: two vocabularies
+        vocab = vocab_size(data.tokenizer, base_model(student), *same_vocab)
     check_topk_student(cfg, student)
     fused = resolve_fused_linear(cfg, vocab, student)
     objective = make_objective(cfg, vocab, fused=fused)
     engine = init_engine(cfg, student)
     if teacher_model is not None:
         teacher = wrap_local_teacher(cfg, teacher_model, fused_linear=objective.signal_spec().hidden)
+        if data.teacher_tokenizer is not None:
+            teacher = xtok_scoring.cross_tokenizer_teacher(cfg, teacher, data, teacher_model)
     _announce(cfg, engine, vocab, fused)
     rollout = make_rollout(cfg, engine.module, data.tokenizer, eos_ids=data.eos_ids, pad_id=data.pad_id,
                            synced_gpus=cfg.deepspeed.zero_stage == 3 and world() > 1, vocab_size=vocab,

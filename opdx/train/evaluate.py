@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from opdx.config import Config
+from opdx.config_checks import CROSS_TOKENIZER_KINDS
 from opdx.data import build_batch
 from opdx.ops import token_logprobs
 from opdx.train.distributed import all_reduce_sum, rank, world
@@ -21,25 +22,45 @@ if TYPE_CHECKING:
 TOP1 = SignalSpec("topk", topk=1)  # token logprobs + the teacher's argmax
 
 
-def _kl_sums(cfg: Config, rollout, teacher, student, prompts, *, vocab, pad_id, device, max_new) -> list[float]:
-    """[k1 sum, k3 sum, token count, response tokens, sequences, top-1 agreements] on the student's samples
-    (eval.temperature) of this rank's held-out prompts."""
-    sums = [0.0] * 6
+def _samples(cfg: Config, rollout, student, prompts, *, vocab, pad_id, device, max_new):
+    """Per eval batch of this rank's held-out prompts: (student samples at eval.temperature as a Batch, the
+    student's logits at its target positions [B, T, vocab], the batch cut to those positions)."""
     bs = cfg.eval.batch_size
     for b, s in enumerate(range(0, len(prompts), bs)):
         chunk = prompts[s:s + bs]
         rb = rollout.generate(chunk, seed=step_seed(cfg.eval.seed, 0, b, rank(), salt=1), max_new_tokens=max_new,
                               temperature=cfg.eval.temperature)
         batch = build_batch(chunk, rb.completions(), pad_id).to(device)
-        signal = teacher_signal(teacher, batch, TOP1, vocab)
         keep = completion_keep(batch)
         logits = student_logits(student, batch, keep, packed=cfg.model.packed)[:, :-1, :vocab]
-        batch = batch.tail(keep - 1)
+        yield batch, logits, batch.tail(keep - 1)
+
+
+def _kl_sums(cfg: Config, rollout, teacher, student, prompts, **kw) -> list[float]:
+    """[k1 sum, k3 sum, token count, response tokens, sequences, top-1 agreements] on the student's samples."""
+    sums = [0.0] * 6
+    for full, logits, batch in _samples(cfg, rollout, student, prompts, **kw):
+        signal = teacher_signal(teacher, full, TOP1, kw["vocab"])
         t_logp = signal.token_logprobs[:, -batch.targets.shape[1]:]
         s_logp = token_logprobs(logits, batch.targets)
         st = token_stats(s_logp, t_logp, batch.loss_mask, batch, student_top1=logits[batch.loss_mask].argmax(-1),
                          teacher_top1=signal.topk_ids[:, 0])
-        for i, v in enumerate((st.k1_sum, st.k3_sum, st.n, sum(batch.completion_lens), len(chunk), st.top1_agree)):
+        for i, v in enumerate((st.k1_sum, st.k3_sum, st.n, sum(batch.completion_lens), len(full.completion_lens),
+                               st.top1_agree)):
+            sums[i] += float(v)
+    return sums
+
+
+def _group_kl_sums(cfg: Config, rollout, teacher, student, prompts, **kw) -> list[float]:
+    """loss.kind=uld / gold (a teacher with another tokenizer): [k1 sum, k3 sum, aligned groups, response tokens,
+    sequences, 0] of the per-group reverse KL (opdx.train.xtok_scoring.group_kl_sums) on the student's samples."""
+    from opdx.train.xtok_scoring import group_kl_sums
+
+    sums = [0.0] * 6
+    for full, logits, batch in _samples(cfg, rollout, student, prompts, **kw):
+        s_logp = token_logprobs(logits, batch.targets)[batch.loss_mask]
+        k1, k3, groups = group_kl_sums(s_logp, teacher.group_logprobs(full))
+        for i, v in enumerate((k1, k3, groups, sum(batch.completion_lens), len(full.completion_lens))):
             sums[i] += float(v)
     return sums
 
@@ -111,6 +132,9 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
       ``eval_sample_response_len``: those samples' mean length.
     - ``eval_top1_agreement``: on those samples, the fraction of positions where the student's and the teacher's
       most likely next token agree.
+    - loss.kind=uld / gold (a teacher with another tokenizer) replaces those three by ``eval_group_reverse_kl`` /
+      ``eval_group_k3``: the mean over the byte-aligned groups of the samples of the k1 / k3 estimates of
+      log P_S(group text) − log P_T(group text) (opdx.train.xtok_scoring.group_kl_sums).
     - ``eval_task_accuracy`` (when ``task`` holds (prompt ids, answer) pairs, the eval records with an ``answer``):
       greedy completions scored by opdx.data_eval.score_answer.
     - with ``eos_ids``: the student's greedy completions of the same held-out prompts: ``eval_response_len``,
@@ -119,7 +143,9 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
     mine, max_new, bs = _my_prompts(cfg, eval_prompts), _max_new(cfg), cfg.eval.batch_size
     was_training = student.training
     student.eval()
-    kl = _kl_sums(cfg, rollout, teacher, student, mine, vocab=vocab, pad_id=pad_id, device=device, max_new=max_new)
+    xtok = cfg.loss.kind in CROSS_TOKENIZER_KINDS
+    kl = (_group_kl_sums if xtok else _kl_sums)(cfg, rollout, teacher, student, mine, vocab=vocab, pad_id=pad_id,
+                                                device=device, max_new=max_new)
 
     def generate(prompts):
         return _greedy(rollout, prompts, bs=bs, seed=cfg.eval.seed, max_new=max_new)
@@ -131,8 +157,12 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
     if was_training:
         student.train()
     k1_sum, k3_sum, count, resp, seqs, agree, *rest = all_reduce_sum(kl + tk + _quality_sums(greedy, eos_ids))
-    out = {"eval_reverse_kl": k1_sum / max(count, 1), "eval_k3": k3_sum / max(count, 1),
-           "eval_top1_agreement": agree / max(count, 1), "eval_sample_response_len": resp / max(seqs, 1)}
+    if xtok:  # per aligned group; the token-level metrics need one vocabulary
+        out = {"eval_group_reverse_kl": k1_sum / max(count, 1), "eval_group_k3": k3_sum / max(count, 1)}
+    else:
+        out = {"eval_reverse_kl": k1_sum / max(count, 1), "eval_k3": k3_sum / max(count, 1),
+               "eval_top1_agreement": agree / max(count, 1)}
+    out["eval_sample_response_len"] = resp / max(seqs, 1)
     quality = _greedy_metrics("eval_", rest)
     if eos_ids is None:
         quality = {k: v for k, v in quality.items() if k == "eval_task_accuracy"}

@@ -96,6 +96,7 @@ class Objective:
 
     kind = ""
     returns = "token_logprobs"  # what signal_spec asks the teacher for
+    fused_view = True  # loss.fused_linear may score the student from hidden states + lm_head (else: full logits)
 
     def __init__(self, cfg: Config, vocab: int, view: str = "logits"):
         self.loss_cfg, self.vocab, self.view, self.packed = cfg.loss, vocab, view, cfg.model.packed
@@ -218,7 +219,86 @@ class TopK(Objective):
         return self._finish(view, signal, loss, view.token_logprobs(self.temperature), False)
 
 
-OBJECTIVES = {cls.kind: cls for cls in (OPD, SFT, GJSD, TopK)}
+class MiniLLM(Objective):
+    """MiniLLM (opdx.xtok.minillm.minillm_loss) on the student's samples, same tokenizer: the long-term policy
+    gradient term with the detached per-token reward log π_T − log π_S of the sampled tokens (loss.gamma-discounted
+    sum of the later rewards, loss.length_normalize) plus the single-step term, the full-vocabulary reverse KL at
+    every position from the teacher's full logits."""
+
+    kind = "minillm"
+    returns = "logits"
+    fused_view = False
+
+    def loss(self, view, signal, batch, source, rollout=None):
+        from opdx.xtok import minillm_loss
+
+        c = self.loss_cfg
+        teacher = view.logits.new_zeros(view.logits.shape)  # [B, T, V]; only the trained positions are read
+        teacher[view.mask] = signal.logits.to(teacher.dtype)
+        loss, _ = minillm_loss(view.logits, teacher, view.batch.targets, view.mask, gamma=c.gamma,
+                               length_normalize=c.length_normalize, temperature=self.temperature)
+        return self._finish(view, signal, loss, view.token_logprobs(self.temperature, grad=False), False)
+
+
+class CrossTokenizer(Objective):
+    """Base of the cross-tokenizer kinds (a teacher with another tokenizer, opdx.train.xtok_scoring): the
+    student's next-token rows are merged per aligned group like the teacher's (loss.merge_rule) and `group_loss`
+    compares the two. The statistics are per-group k1 / k3 estimates (`group_kl_sums`) over the student tokens."""
+
+    returns = "logits"
+    fused_view = False
+
+    def group_loss(self, student, signal) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, view, signal, batch, source, rollout=None):
+        from opdx.train.xtok_scoring import group_kl_sums
+        from opdx.xtok import merge_groups
+
+        c, sft = self.loss_cfg, self.wants_sft(source)
+        rows, targets = view.logits[view.mask], view.batch.targets[view.mask]
+        if rows.shape[0] != signal.student_groups.numel():
+            raise RuntimeError(f"cross-tokenizer signal: {signal.student_groups.numel()} aligned student tokens but "
+                               f"{rows.shape[0]} trained targets")
+        student = merge_groups(rows, targets, signal.student_groups, signal.num_groups, rule=c.merge_rule,
+                               temperature=self.temperature, name="student")
+        loss = self.group_loss(student, signal)
+        s_logp = view.token_logprobs(self.temperature, grad=sft)
+        if sft:
+            loss = loss + c.sft_alpha * sft_loss(s_logp, view.mask)
+        k1, k3, _ = group_kl_sums(s_logp[view.mask], signal)
+        raw = view.raw_logprobs() if view.want_raw else None
+        return loss, TokenStats(k1_sum=k1, k3_sum=k3, n=float(view.mask.sum()), batch=view.batch, student_logp=raw)
+
+
+class ULD(CrossTokenizer):
+    """Universal Logit Distillation per aligned group (opdx.xtok.uld_loss): the sorted top-loss.uld_topm merged
+    probabilities of each side plus a tail bucket, Σ|Δ|^loss.uld_p."""
+
+    kind = "uld"
+
+    def group_loss(self, student, signal):
+        from opdx.xtok import uld_loss
+
+        return uld_loss(student, signal.teacher, top_m=self.loss_cfg.uld_topm, p=self.loss_cfg.uld_p)
+
+
+class GOLD(CrossTokenizer):
+    """GOLD-style hybrid (opdx.xtok.gold_loss): GJSD(loss.beta) over the string-matched sub-vocabulary, ULD over the
+    rest, weighted by loss.gold_weight."""
+
+    kind = "gold"
+
+    def group_loss(self, student, signal):
+        from opdx.config_checks import gold_matched_weight
+        from opdx.xtok import gold_loss
+
+        c = self.loss_cfg
+        return gold_loss(student, signal.teacher, signal.vocab_map, beta=c.beta, top_m=c.uld_topm, p=c.uld_p,
+                         matched_weight=gold_matched_weight(c.gold_weight))[0]
+
+
+OBJECTIVES = {cls.kind: cls for cls in (OPD, SFT, GJSD, TopK, MiniLLM, ULD, GOLD)}
 
 
 def make_objective(cfg: Config, vocab: int, *, fused: bool = False) -> Objective:
@@ -227,7 +307,7 @@ def make_objective(cfg: Config, vocab: int, *, fused: bool = False) -> Objective
     kind = cfg.loss.kind
     if kind not in OBJECTIVES:
         raise ValueError(f"loss.kind must be one of {sorted(OBJECTIVES)}, got {kind!r}")
-    view = "hidden" if kind == "topk" else ("fused_linear" if fused else "logits")
+    view = "hidden" if kind == "topk" else ("fused_linear" if fused and OBJECTIVES[kind].fused_view else "logits")
     return OBJECTIVES[kind](cfg, vocab, view)
 
 

@@ -56,13 +56,27 @@ class Alignment:
         return out[0], out[1], int(self.num_groups.sum())
 
 
+_ESCAPED = (0xDC80, 0xDD00)  # the lone surrogates `bytes.decode(errors="surrogateescape")` makes of invalid bytes
+_REPLACEMENT = {c: "\ufffd" for c in range(*_ESCAPED)}
+
+
 def char_to_byte_offsets(text: str) -> torch.Tensor:
-    """``[len(text) + 1]`` int64: the UTF-8 byte offset of each character index (the last entry: the byte length)."""
+    """``[len(text) + 1]`` int64: the UTF-8 byte offset of each character index (the last entry: the byte length).
+    A lone surrogate U+DC80..U+DCFF (an invalid byte escaped by ``errors="surrogateescape"``) counts one byte."""
     code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     nbytes = 1 + (code_points >= 0x80).astype(np.int64) + (code_points >= 0x800) + (code_points >= 0x10000)
+    nbytes[(code_points >= _ESCAPED[0]) & (code_points < _ESCAPED[1])] = 1
     offsets = np.zeros(len(code_points) + 1, dtype=np.int64)
     np.cumsum(nbytes, out=offsets[1:])
     return torch.from_numpy(offsets)
+
+
+def decode_bytes(raw: bytes) -> tuple[str, torch.Tensor]:
+    """(text, byte offsets ``[len(text) + 1]``) of a completion's bytes for re-tokenization: bytes that are not valid
+    UTF-8 (a sampled token sequence that splits a character) become one U+FFFD each, standing for that one byte in
+    the offsets, so the text's tokens can still be aligned in ``raw``'s byte positions (`token_byte_ends`)."""
+    escaped = raw.decode("utf-8", errors="surrogateescape")
+    return escaped.translate(_REPLACEMENT), char_to_byte_offsets(escaped)
 
 
 def _check_fast(tokenizer, name: str) -> None:
@@ -74,10 +88,10 @@ def _check_fast(tokenizer, name: str) -> None:
         )
 
 
-def _byte_ends_of(text: str, offsets: np.ndarray, name: str, row: int) -> np.ndarray:
-    """Byte end offsets of one text's tokens from their character offsets ``[L, 2]``; checks that the tokens cover
-    every byte of the text (a gap means the tokenizer dropped or trimmed characters: nothing can be aligned there)."""
-    c2b = char_to_byte_offsets(text).numpy()
+def _byte_ends_of(c2b: np.ndarray, offsets: np.ndarray, name: str, row: int) -> np.ndarray:
+    """Byte end offsets of one text's tokens from their character offsets ``[L, 2]`` and the text's character ->
+    byte table ``c2b``; checks that the tokens cover every byte of the text (a gap means the tokenizer dropped or
+    trimmed characters: nothing can be aligned there)."""
     total = int(c2b[-1])
     if offsets.shape[0] == 0:
         if total:
@@ -104,17 +118,20 @@ def _pad(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
-def token_byte_ends(tokenizer, texts: list[str], *, name: str = "tokenizer") -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      torch.Tensor]:
+def token_byte_ends(tokenizer, texts: list[str], *, name: str = "tokenizer",
+                    byte_offsets: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenizes each completion text (no special tokens) and returns ``(ids [B, L], byte_ends [B, L],
     lengths [B])``, zero-padded beyond each row's length. byte_ends are the UTF-8 byte offsets where each token ends
     (non-decreasing; a token ending inside a character counts up to the character's end). For the side whose
-    tokens were re-tokenized from the text (the teacher). ``name`` names the tokenizer in errors."""
+    tokens were re-tokenized from the text (the teacher). ``name`` names the tokenizer in errors. ``byte_offsets``:
+    each text's character -> byte table (`decode_bytes`; default `char_to_byte_offsets` of the text)."""
     _check_fast(tokenizer, name)
+    if byte_offsets is None:
+        byte_offsets = [char_to_byte_offsets(text) for text in texts]
     enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     ids = [np.asarray(row, dtype=np.int64) for row in enc["input_ids"]]
-    ends = [_byte_ends_of(text, np.asarray(off, dtype=np.int64).reshape(-1, 2), name, b)
-            for b, (text, off) in enumerate(zip(texts, enc["offset_mapping"]))]
+    ends = [_byte_ends_of(np.asarray(c2b), np.asarray(off, dtype=np.int64).reshape(-1, 2), name, b)
+            for b, (c2b, off) in enumerate(zip(byte_offsets, enc["offset_mapping"]))]
     (ids_t, lengths), (ends_t, _) = _pad(ids), _pad(ends)
     return ids_t, ends_t, lengths
 

@@ -88,3 +88,23 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
         lengths[idx] = 0 if idx in specials else (-1 if raw is None else len(raw))
     _LENGTHS[tokenizer] = lengths
     return lengths
+
+
+_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def completion_bytes(tokenizer, ids) -> bytes:
+    """The UTF-8 bytes a sequence of token ids spells, exactly (a sampled sequence may split characters, so it need
+    not be valid UTF-8); special tokens spell nothing (they are not part of a completion's text). ValueError for an
+    id whose bytes are unknown. The id -> bytes table is cached per tokenizer object."""
+    if tokenizer not in _BYTES:
+        pieces, specials = vocab_token_bytes(tokenizer), special_ids(tokenizer)
+        _BYTES[tokenizer] = [b"" if i in specials else pieces.get(i) for i in range(max(pieces, default=-1) + 1)]
+    table = _BYTES[tokenizer]
+    try:
+        return b"".join(table[i] for i in ids)
+    except (TypeError, IndexError):
+        bad = next(i for i in ids if not 0 <= i < len(table) or table[i] is None)
+        raise ValueError(f"cannot tell the bytes of token id {bad}; byte alignment of sampled ids needs a byte-level "
+                         "BPE or byte-fallback vocabulary") from None
+
