@@ -67,7 +67,7 @@ class TeacherConfig:
 class RolloutConfig:
     engine: str = "hf"  # hf (transformers generate on the live student) | vllm (opdx.rollout.vllm, docs/rollouts.md)
     mode: str = "colocate"  # vllm: colocate (a vllm.LLM in each training process) | server (external vllm serve)
-    max_new_tokens: int = 32  # tokens generated per rollout at most (student and teacher generation)
+    max_new_tokens: int = 64  # tokens generated per rollout at most (student and teacher generation)
     # student rollouts never stop before this many tokens (EOS suppressed until then); = max_new_tokens gives every
     # rollout the same length (throughput benchmarks: benchmarks/test_train_step.py)
     min_new_tokens: int = 0
@@ -134,7 +134,7 @@ class DataConfig:
     response_field: str = "response"  # record field holding the dataset response (seq source, sft)
     split: str = "train"  # split to use when a path is a DatasetDict
     chat_template: bool = True  # wrap the prompt as a user turn with the tokenizer's chat template
-    system_prompt: str = ""  # system turn for the chat template ("" = none)
+    system_prompt: str = "Answer briefly, in one or two sentences."  # system turn for the chat template ("" = none)
     max_prompt_len: int = 256  # tokens; a longer prompt is an error
     max_response_len: int = 128  # tokens of dataset responses kept (seq source)
 
@@ -173,7 +173,7 @@ class DeepSpeedConfig:
 @dataclass
 class EvalConfig:
     every: int = 15  # 0 = only at step 0 and at the end
-    num_prompts: int = 32  # held-out prompts evaluated (from data.eval)
+    num_prompts: int = 16  # held-out prompts evaluated (from data.eval)
     batch_size: int = 16  # per rank
     max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
     temperature: float = 1.0  # sampling temperature of the student's eval samples

@@ -7,6 +7,8 @@ def test_defaults_are_the_demo():
     cfg = load_config()
     assert cfg.model.source == "demo" and cfg.loss.kind == "opd" and cfg.data.train.endswith("prompts_train.jsonl")
     assert "loss.beta" in all_keys() and "deepspeed.zero_stage" in all_keys()
+    demo = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "demo.yaml")
+    assert load_config(demo).to_dict() == cfg.to_dict()  # `torchrun -m opdx.train` == the demo config
 
 
 def test_yaml_then_overrides_typed(tmp_path):
@@ -65,6 +67,7 @@ def test_missing_config_file():
 
 def test_shipped_configs_parse():
     import glob
+import os
     import os
 
     root = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
