@@ -118,5 +118,5 @@ def training_rules(cfg) -> Rules:
 # in the order the checks run: the values of one section first, then the combinations that involve others
 SECTION_RULES = (loss_rules, rollout_rules, training_rules, model_rules, teacher_rules)
 
-__all__ = ["OPTIM_IMPLS", "SECTION_RULES", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules", "teacher_rules",
-           "training_rules"]
+__all__ = ["OPTIM_IMPLS", "SECTION_RULES", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules",
+           "teacher_rules", "training_rules"]

@@ -120,8 +120,8 @@ def series(rows: list[dict], key: str, x: str = "step"):
 
 def phase_table(train: list[dict]) -> dict[str, list[float]]:
     """Per-step seconds for each phase present (missing = 0). A row that has loss/backward/clip/optimizer timings
-    contributes them instead of its time_train_s; unknown time_*_s keys are extra phases; ``time_step_s`` (the whole step) is
-    not a phase: the seconds it has beyond the phases' sum are the phase "other"."""
+    contributes them instead of its time_train_s; unknown time_*_s keys are extra phases; ``time_step_s`` (the
+    whole step) is not a phase: the seconds it has beyond the phases' sum are the phase "other"."""
     known = {k for k, _ in PHASES} | {STEP_TIME}
     extra = [k for k in numeric_keys(train) if k.startswith("time_") and k.endswith("_s") and k not in known]
     out: dict[str, list[float]] = {}
