@@ -86,17 +86,21 @@ def run_steps(layouts: list[str], impls: list[str], reps: int) -> None:
             print(layout, impl, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
 
+def record_demo(impl: str, rows: list[dict], load_before: float) -> None:
+    """One demo row (median step/phase times over the steps after the first) into the results file."""
+    row = {**summarize(rows), "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
+    case = {"setup": "demo-smollm2-135m-L10", "loss": "gjsd(beta 0.5)", "nproc": 1, "batch": 4,
+            "max_new_tokens": 32, "dtype": "float32", "optim.impl": impl}
+    record("optimizer_train_step", "cpu", case, "opdx", row)
+    print(impl, {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
+
 def run_demo(impls: list[str], steps: int) -> None:
     for impl in impls:
         load = os.getloadavg()[0]
         rows = run_opdx(DEMO_OVERRIDES + [f"optim.impl={impl}", f"train.max_steps={steps}", *QUIET],
                         ROOT / "outputs" / "bench_optimizer" / impl, nproc=1, config=str(DEMO))
-        row = {**summarize(rows), "loadavg_1m_before": load, "loadavg_1m_after": os.getloadavg()[0],
-               "note": "shared 2-core machine under load: compare medians"}
-        case = {"setup": "demo-smollm2-135m-L10", "loss": "gjsd(beta 0.5)", "nproc": 1, "batch": 4,
-                "max_new_tokens": 32, "dtype": "float32", "optim.impl": impl}
-        record("optimizer_train_step", "cpu", case, "opdx", row)
-        print(impl, {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        record_demo(impl, rows, load)
 
 
 def main(argv=None) -> None:
