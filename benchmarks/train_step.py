@@ -2,8 +2,8 @@
 
 Runs `opdx.train` (torchrun, a subprocess) and TRL's `GKDTrainer` (a subprocess too, possibly under another Python
 that has `trl`) on the same models, batch and generation length, and summarizes their per-step records: median
-step time, teacher-scored tokens/s and the per-phase breakdown (rollout, teacher, loss, backward + optimizer step,
-weight sync). The first step(s) are dropped as warm-up.
+step time, teacher-scored tokens/s and the per-phase breakdown (rollout, teacher, loss, backward, grad clip,
+optimizer step, weight sync). The first step(s) are dropped as warm-up.
 
 Models for the GPU comparison are random-initialized Qwen2-architecture pairs built locally (`build_pair`, no
 downloads) with a synthetic tokenizer of the same vocabulary size (`make_tokenizer`); `SHAPES` holds the Qwen2.5
@@ -43,9 +43,12 @@ SHAPES = {
                          num_key_value_heads=1),
 }
 
-# metrics.jsonl keys of the phases (opdx.train's loop); "backward" is backward + optimizer step
+# metrics.jsonl keys of the phases (opdx.train's loop): "backward" is engine.backward, "clip" the rest of
+# engine.step beside the AdamW update "optimizer"; the TRL side and older opdx runs log no clip/optimizer times and
+# count the whole optimizer step in "backward"
 PHASES = {"rollout": "time_rollout_s", "teacher": "time_teacher_s", "loss": "time_loss_s",
-          "backward": "time_backward_s", "sync": "time_sync_s"}
+          "backward": "time_backward_s", "clip": "time_clip_s", "optimizer": "time_optimizer_s",
+          "sync": "time_sync_s"}
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from opdx.config_checks import SECTION_RULES
+from opdx.config_checks import OPTIM_IMPLS, SECTION_RULES
 
 
 class ConfigError(ValueError):
@@ -159,6 +159,10 @@ class OptimConfig:
     warmup_steps: int = 3  # linear warmup steps, then cosine decay to the last step
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     clip_grad: float = 1.0  # gradient-norm clipping (0 = off)
+    # AdamW implementation (opdx.train.optimizer): fused (torch AdamW(fused=True), one kernel over all tensors) |
+    # foreach (torch's multi-tensor AdamW) | deepspeed (DeepSpeed builds it: torch's for-loop AdamW) | auto = fused
+    # where torch has the kernel for the device (CPU, CUDA), else deepspeed; every ZeRO stage and dtype takes it
+    impl: str = "auto"
 
 
 @dataclass
@@ -227,6 +231,7 @@ CHOICES = {
     "loss.fused_linear": ("auto", "true", "false"),
     "loss.kind": ("opd", "gjsd", "topk", "sft", "minillm", "uld", "gold"),
     "loss.merge_rule": ("observed", "first"),
+    "optim.impl": OPTIM_IMPLS,
     "deepspeed.backend": ("auto", "gloo", "nccl"),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 Rules = Iterator[tuple[bool, str]]
+OPTIM_IMPLS = ("auto", "fused", "foreach", "deepspeed")  # optim.impl (opdx.train.optimizer.resolve_optimizer_impl)
 
 
 def lora_targets_lm_head(targets) -> bool:
@@ -162,6 +163,9 @@ def training_rules(cfg) -> Rules:
     yield train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {train.grad_accum}"
     yield cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"
     yield len(cfg.optim.betas) == 2, f"optim.betas must have two values, got {cfg.optim.betas}"
+    yield (cfg.optim.impl in OPTIM_IMPLS,
+           f"optim.impl must be one of {', '.join(repr(i) for i in OPTIM_IMPLS)} (the AdamW implementation), got "
+           f"{cfg.optim.impl!r}")
     yield cfg.data.max_prompt_len >= 1, f"data.max_prompt_len must be >= 1, got {cfg.data.max_prompt_len}"
     yield cfg.eval.every >= 0 and cfg.save.every >= 0, "eval.every and save.every must be >= 0"
     yield (cfg.eval.max_new_tokens >= 0,
@@ -171,6 +175,6 @@ def training_rules(cfg) -> Rules:
 # in the order the checks run: the values of one section first, then the combinations that involve others
 SECTION_RULES = (loss_rules, cross_tokenizer_rules, rollout_rules, training_rules, model_rules, teacher_rules)
 
-__all__ = ["CROSS_TOKENIZER_KINDS", "FULL_LOGITS_KINDS", "SECTION_RULES", "cross_tokenizer_rules",
+__all__ = ["CROSS_TOKENIZER_KINDS", "FULL_LOGITS_KINDS", "OPTIM_IMPLS", "SECTION_RULES", "cross_tokenizer_rules",
            "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules", "teacher_rules",
            "training_rules"]

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from opdx.config import Config, ConfigError, all_keys, load_config
@@ -67,7 +69,6 @@ def test_missing_config_file():
 
 def test_shipped_configs_parse():
     import glob
-import os
     import os
 
     root = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from opdx.report import ReportError, load_metrics, main, write_report
+from opdx.report.metrics import phase_table
 from opdx.report.plots import learning_panels, step_panels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_full_run_with_new_keys(tmp_path):
     assert st["teacher_tokens"] == 1000 and st["wall_s"] == 123.4
     # loss + backward replace time_train_s: 1.0 + 0.5 + 0.1 + 0.3 + 0.1 = 2.0 s per step
     assert st["phase_share_pct"] == pytest.approx({"rollout": 50.0, "teacher": 25.0, "loss": 5.0,
-                                                   "backward + step": 15.0, "weight sync": 5.0})
+                                                   "backward": 15.0, "weight sync": 5.0})
     assert "| **total** | 2 | 100% |" in md
     assert "sources student 5, teacher 5" in md
 
@@ -115,7 +116,7 @@ def test_mixed_timing_rows_do_not_double_count(tmp_path):
     share = res["stats"]["phase_share_pct"]
     total = 4 * 1.5 + 2 * 0.5 + 2 * 0.5  # rollout + teacher, train (old rows), loss + backward + sync (new rows)
     assert share["train"] == pytest.approx(100 * 1.0 / total)
-    assert share["backward + step"] == pytest.approx(100 * 0.6 / total)
+    assert share["backward"] == pytest.approx(100 * 0.6 / total)
     assert sum(share.values()) == pytest.approx(100.0)
 
 
@@ -202,15 +203,33 @@ def test_step_time_is_not_a_phase(tmp_path):
     """time_step_s is the whole step: the phases' shares are of it (what they leave is "other"), never doubled."""
     d = _write(tmp_path / "run", _trainer_rows(4, every=2))
     bars = _panel(step_panels(load_metrics(d / "metrics.jsonl")), "time_breakdown").bars
-    assert list(bars) == ["rollout", "teacher", "loss", "backward + step", "weight sync", "other"]
+    assert list(bars) == ["rollout", "teacher", "loss", "backward", "weight sync", "other"]
     assert bars["other"] == pytest.approx([0.5] * 4)
     assert [sum(v[i] for v in bars.values()) for i in range(4)] == pytest.approx([2.5] * 4)
     res = write_report(d)
     share = res["stats"]["phase_share_pct"]
-    assert share == pytest.approx({"rollout": 40.0, "teacher": 20.0, "loss": 4.0, "backward + step": 12.0,
+    assert share == pytest.approx({"rollout": 40.0, "teacher": 20.0, "loss": 4.0, "backward": 12.0,
                                    "weight sync": 4.0, "other": 20.0})
     md = res["report"].read_text()
     assert "| **total** | 2.5 | 100% |" in md and "| step |" not in md
+
+
+def test_backward_clip_optimizer_phases_stack_to_the_step(tmp_path):
+    """Rows of the split trainer (backward / grad clip / optimizer) after rows that logged backward + step as one
+    time_backward_s: each row's phases plus "other" are its time_step_s, time_train_s is never added on top."""
+    old = [_train_row(s, time_step_s=2.5) for s in (1, 2)]
+    new = [_train_row(s, time_backward_s=0.2, time_clip_s=0.04, time_optimizer_s=0.06, time_step_s=2.5)
+           for s in (3, 4)]
+    d = _write(tmp_path / "run", old + new)
+    table = phase_table(load_metrics(d / "metrics.jsonl")["train"])
+    assert list(table) == ["rollout", "teacher", "loss", "backward", "grad clip", "optimizer", "weight sync", "other"]
+    assert table["backward"] == pytest.approx([0.3, 0.3, 0.2, 0.2])
+    assert table["grad clip"] == pytest.approx([0.0, 0.0, 0.04, 0.04])
+    assert table["optimizer"] == pytest.approx([0.0, 0.0, 0.06, 0.06])
+    assert [sum(v[i] for v in table.values()) for i in range(4)] == pytest.approx([2.5] * 4)
+    assert table["other"] == pytest.approx([0.5] * 4)
+    share = write_report(d)["stats"]["phase_share_pct"]
+    assert share["optimizer"] == pytest.approx(100 * 0.12 / 10.0) and sum(share.values()) == pytest.approx(100.0)
 
 
 def test_unreadable_config_is_a_warning(tmp_path):

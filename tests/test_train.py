@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "examples" / "configs" / "tiny.yaml")
 # DeepSpeed JIT-builds a small comm op on first use (~40 s): one cache shared by every run
 EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-TIMING_KEYS = {"tokens_per_s"} | {"time_" + p + "_s" for p in ("step", "rollout", "teacher", "loss", "backward", "train", "sync")}
+TIMING_KEYS = {"tokens_per_s"} | {"time_" + p + "_s" for p in ("step", "rollout", "teacher", "loss", "backward",
+                                                             "clip", "optimizer", "train", "sync")}
 
 
 def _env():

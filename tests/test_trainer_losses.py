@@ -1,7 +1,7 @@
 import torch
 
 from opdx.losses import opd_loss, reverse_kl_estimates, sft_loss
-from opdx.train.build import lr_lambda
+from opdx.train.optimizer import lr_lambda
 from opdx.train.sources import draw_source
 
 

@@ -6,11 +6,15 @@ import json
 import math
 from pathlib import Path
 
-# per-step phase timings, in stacking order; time_train_s is the whole train phase (loss + backward + optimizer
-# step) logged by older runs, replaced by time_loss_s + time_backward_s where those exist
+# per-step phase timings, in stacking order, disjoint: time_train_s is the whole train phase (loss + backward +
+# optimizer step), replaced by its parts where a row has them; time_backward_s is engine.backward (with ZeRO's
+# gradient reduction hooks), time_clip_s the rest of engine.step beside the AdamW update time_optimizer_s (gradient
+# norm + clipping, master-weight copies, scheduler). Rows of older runs have no clip/optimizer times: their
+# time_backward_s includes the whole optimizer step.
 PHASES = [("time_rollout_s", "rollout"), ("time_teacher_s", "teacher"), ("time_train_s", "train"),
-          ("time_loss_s", "loss"), ("time_backward_s", "backward + step"), ("time_sync_s", "weight sync")]
-_SPLIT_TRAIN = ("time_loss_s", "time_backward_s")
+          ("time_loss_s", "loss"), ("time_backward_s", "backward"), ("time_clip_s", "grad clip"),
+          ("time_optimizer_s", "optimizer"), ("time_sync_s", "weight sync")]
+_SPLIT_TRAIN = ("time_loss_s", "time_backward_s", "time_clip_s", "time_optimizer_s")
 # the whole step's wall time: not a phase; what the phases leave of it is the phase "other"
 STEP_TIME = "time_step_s"
 OTHER_PHASE = "other"
@@ -115,9 +119,9 @@ def series(rows: list[dict], key: str, x: str = "step"):
 
 
 def phase_table(train: list[dict]) -> dict[str, list[float]]:
-    """Per-step seconds for each phase present (missing = 0). A row that has loss/backward timings contributes
-    them instead of its time_train_s; unknown time_*_s keys are extra phases; ``time_step_s`` (the whole step) is
-    not a phase: the seconds it has beyond the phases' sum are the phase "other"."""
+    """Per-step seconds for each phase present (missing = 0). A row that has loss/backward/clip/optimizer timings
+    contributes them instead of its time_train_s; unknown time_*_s keys are extra phases; ``time_step_s`` (the
+    whole step) is not a phase: the seconds it has beyond the phases' sum are the phase "other"."""
     known = {k for k, _ in PHASES} | {STEP_TIME}
     extra = [k for k in numeric_keys(train) if k.startswith("time_") and k.endswith("_s") and k not in known]
     out: dict[str, list[float]] = {}

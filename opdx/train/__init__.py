@@ -8,7 +8,8 @@ One module per concern (importing this package loads none of them):
 - `loop`        main(argv) / run(cfg): the step loop (prompts -> source draw -> sequences -> teacher signal ->
                 objective -> backward/step -> rollout weight sync -> log / eval / checkpoint)
 - `build`       build(cfg) -> Trainer: validation, model dirs, tokenizers, DeepSpeed engine, teacher, rollout
-- `objectives`  one class per loss.kind (opd, gjsd, topk, sft, minillm, uld, gold) behind signal_spec() / loss()
+- `optimizer`   the student's DeepSpeed engine: AdamW implementation (optim.impl), lr schedule, DeepSpeed config
+- `objectives`  one class per loss.kind (opd, gjsd, topk, sft, minillm, uld, gold) behind signal_spec() / loss(); distill_step
 - `xtok_scoring` the cross-tokenizer teacher (uld / gold): re-tokenize, align by bytes, merge per group
 - `scoring`     the student views the objectives score through (logits, fused-linear, top-k from hidden states)
 - `sources`     the λ / seq_kd / dataset draw (rank 0, broadcast) and the micro-batch's sequences

@@ -5,8 +5,6 @@ lengths), then starts the process group, loads the student into DeepSpeed and th
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from opdx.train import xtok_scoring
 from opdx.train.checkpoint import load_checkpoint, newest_checkpoint
 from opdx.train.distributed import barrier, rank, world
 from opdx.train.objectives import Objective, make_objective
+from opdx.train.optimizer import init_engine
 from opdx.train.scoring import base_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -210,53 +209,6 @@ def check_topk_student(cfg: Config, student) -> None:
                           f"model.lora_target_modules, or use loss.kind=opd or gjsd")
 
 
-# ------------------------------------------------------------------------------------------------ engine
-def lr_at(step: int, *, warmup: int, total: int, floor: float) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine down to ``floor`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def lr_lambda(cfg: Config):
-    """The schedule as ``f(step) -> factor`` (torch LambdaLR)."""
-    return functools.partial(lr_at, warmup=cfg.optim.warmup_steps, total=max(cfg.train.max_steps, 1),
-                             floor=cfg.optim.min_lr_ratio)
-
-
-def deepspeed_config(cfg: Config) -> dict:
-    zero = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-        if cfg.deepspeed.param_persistence_threshold >= 0:
-            zero["stage3_param_persistence_threshold"] = cfg.deepspeed.param_persistence_threshold
-    return {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.optim.clip_grad,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-            "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.model.dtype == "float16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def init_engine(cfg: Config, student):
-    """deepspeed.initialize on the trainable parameters, AdamW + the warm-up/cosine schedule."""
-    import deepspeed
-
-    params = [p for p in student.parameters() if p.requires_grad]
-    scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=params, config=deepspeed_config(cfg),
-                                           lr_scheduler=scheduler)
-    return engine
-
-
 # ------------------------------------------------------------------------------------------------ data
 def _resolve_data_path(path: str) -> str:
     if path and not os.path.isabs(path) and not os.path.exists(path) and (REPO_ROOT / path).exists():
@@ -376,7 +328,7 @@ def build_engines(cfg: Config, device, data: Data) -> Trainer:
     check_topk_student(cfg, student)
     fused = resolve_fused_linear(cfg, vocab, student)
     objective = make_objective(cfg, vocab, fused=fused)
-    engine = init_engine(cfg, student)
+    engine = init_engine(cfg, student, device)
     if teacher_model is not None:
         teacher = wrap_local_teacher(cfg, teacher_model, fused_linear=objective.signal_spec().hidden)
         if data.teacher_tokenizer is not None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -20,7 +21,7 @@ from opdx.train.build import Trainer, build
 from opdx.train.checkpoint import save_checkpoint, save_final
 from opdx.train.distributed import all_reduce_sum, barrier, destroy, rank, single_process_env, world
 from opdx.train.evaluate import eval_record
-from opdx.train.logging import Logger, Progress, SourcesLog, timed, write_summary
+from opdx.train.logging import Logger, Progress, SourcesLog, clock, timed, write_summary
 from opdx.train.objectives import rollout_mismatch_sums, teacher_signal
 from opdx.train.sources import draw_source_synced, make_sequences, step_seed
 
@@ -53,6 +54,22 @@ class StepSums:
         return StepSums(*all_reduce_sum(list(vars(self).values())))
 
 
+@contextlib.contextmanager
+def timed_update(optimizer, times: dict, device):
+    """Adds the seconds ``optimizer.step`` (the AdamW update itself, without DeepSpeed's clipping and wrappers)
+    takes within the block to ``times["optimizer"]``, through torch's step pre/post hooks (ZeRO-3 may step the
+    optimizer once per parameter sub-group)."""
+    started = []
+    hooks = (optimizer.register_step_pre_hook(lambda *_: started.append(clock(device))),
+             optimizer.register_step_post_hook(lambda *_: times.__setitem__(
+                 "optimizer", times.get("optimizer", 0.0) + clock(device) - started.pop())))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def train_step(t: Trainer, step: int, sources_log: SourcesLog) -> dict:
     """One optimizer step over train.grad_accum micro-batches; returns its metrics record."""
     cfg, times, sums, sources = t.cfg, {}, StepSums(), []
@@ -74,9 +91,10 @@ def train_step(t: Trainer, step: int, sources_log: SourcesLog) -> dict:
                 if mismatch:
                     s, c = rollout_mismatch_sums(seqs.rollout, stats)
                     sums.mismatch, sums.mismatch_tokens = sums.mismatch + s, sums.mismatch_tokens + c
-            with timed("backward", times, t.device):
+            with timed("backward", times, t.device):  # autograd + ZeRO's gradient reduction hooks
                 t.engine.backward(loss)
-                t.engine.step()
+            with timed("engine_step", times, t.device), timed_update(t.engine.basic_optimizer, times, t.device):
+                t.engine.step()  # clipping, the AdamW update (times["optimizer"]), the lr scheduler
             sums.add(loss, stats, seqs.batch)
         with timed("sync", times, t.device):
             t.rollout.sync_weights(t.engine)  # vLLM engines load the new student weights (HF: nothing to do)
@@ -98,8 +116,10 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
         "teacher_tokens": t.teacher_tokens,
         "tokens_per_s": ntok / max(dt, 1e-9),
         "time_step_s": dt,
-        **{f"time_{k}_s": times.get(k, 0.0) for k in ("rollout", "teacher", "loss", "backward")},
-        "time_train_s": times.get("loss", 0.0) + times.get("backward", 0.0),
+        **{f"time_{k}_s": times.get(k, 0.0) for k in ("rollout", "teacher", "loss", "backward", "optimizer")},
+        # engine.step outside the AdamW update: gradient norm + clipping, ZeRO/bf16 master-weight copies, scheduler
+        "time_clip_s": times.get("engine_step", 0.0) - times.get("optimizer", 0.0),
+        "time_train_s": times.get("loss", 0.0) + times.get("backward", 0.0) + times.get("engine_step", 0.0),
         "time_sync_s": times["sync"],
         "response_len": sums.response_tokens / max(sums.sequences, 1),
         "source": sources[0] if len(set(sources)) == 1 else ",".join(sources),
