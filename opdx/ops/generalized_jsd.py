@@ -49,6 +49,46 @@ def _align_vocab(student: torch.Tensor, teacher: torch.Tensor, vocab_size):
     return student[..., :vocab_size], teacher[..., :vocab_size]
 
 
+def _check_logit_pair(student_logits, teacher_logits, mask) -> None:
+    """Both logits: float tensors, non-empty, on one device (with the mask), one dtype, equal leading dims."""
+    check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor("teacher_logits", teacher_logits, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_nonempty("student_logits", student_logits)
+    check_nonempty("teacher_logits", teacher_logits)
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
+    if student_logits.dtype != teacher_logits.dtype:
+        raise TypeError(
+            f"student_logits is {student_logits.dtype} but teacher_logits is {teacher_logits.dtype}; "
+            "cast one of them (e.g. teacher_logits.to(student_logits.dtype))"
+        )
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student_logits has shape {tuple(student_logits.shape)} but teacher_logits has "
+            f"{tuple(teacher_logits.shape)}; the leading (token) dims must match"
+        )
+
+
+def _check_mask(mask, lead: tuple) -> torch.Tensor | None:
+    """Optional bool mask of the logits' leading dims; returns it flat and contiguous (or None)."""
+    if mask is None:
+        return None
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = trained token), got {mask.dtype}")
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but must match the logits' leading dims {lead}")
+    return mask.reshape(-1).contiguous()
+
+
+def _stores_fp32_grad(grad_dtype, dtype: torch.dtype) -> bool:
+    """Whether the stored student gradient is float32 rather than the student dtype."""
+    if grad_dtype is None or grad_dtype == dtype:
+        return False
+    if grad_dtype == torch.float32 and dtype != torch.float64:
+        return True
+    raise ValueError(f"grad_dtype must be None, {dtype} or torch.float32, got {grad_dtype}")
+
+
 def generalized_jsd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -85,39 +125,13 @@ def generalized_jsd(
     back-propagated once; ``retain_graph=True`` reuse raises). The teacher is a constant: it gets no gradient.
     Extra memory: the stored gradient plus O(N).
     """
-    check_tensor("student_logits", student_logits, dtypes=FLOAT_DTYPES, min_dim=1)
-    check_tensor("teacher_logits", teacher_logits, dtypes=FLOAT_DTYPES, min_dim=1)
-    check_nonempty("student_logits", student_logits)
-    check_nonempty("teacher_logits", teacher_logits)
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
-    if student_logits.dtype != teacher_logits.dtype:
-        raise TypeError(
-            f"student_logits is {student_logits.dtype} but teacher_logits is {teacher_logits.dtype}; "
-            "cast one of them (e.g. teacher_logits.to(student_logits.dtype))"
-        )
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(
-            f"student_logits has shape {tuple(student_logits.shape)} but teacher_logits has "
-            f"{tuple(teacher_logits.shape)}; the leading (token) dims must match"
-        )
+    _check_logit_pair(student_logits, teacher_logits, mask)
     student, teacher = _align_vocab(student_logits, teacher_logits, vocab_size)
     b = _check_beta(beta)
     inv_temperature = 1.0 / check_temperature(temperature)
     lead = tuple(student.shape[:-1])
-    flat_mask = None
-    if mask is not None:
-        check_tensor("mask", mask)
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = trained token), got {mask.dtype}")
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but must match the logits' leading dims {lead}")
-        flat_mask = mask.reshape(-1).contiguous()
-    if grad_dtype is None or grad_dtype == student.dtype:
-        grad_fp32 = False
-    elif grad_dtype == torch.float32 and student.dtype != torch.float64:
-        grad_fp32 = True
-    else:
-        raise ValueError(f"grad_dtype must be None, {student.dtype} or torch.float32, got {grad_dtype}")
+    flat_mask = _check_mask(mask, lead)
+    grad_fp32 = _stores_fp32_grad(grad_dtype, student.dtype)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, _grad = torch.ops.opdx.generalized_jsd_fwd(
         last_dim_contiguous(student), last_dim_contiguous(teacher), flat_mask, b, inv_temperature,

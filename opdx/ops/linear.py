@@ -175,6 +175,33 @@ def _check_vocab_size(vocab_size, vs: int, vt: int) -> int:
     return vocab_size
 
 
+def _check_hidden_pair(student_hidden, teacher_hidden) -> tuple:
+    """Equal leading (token) dims and one dtype for both sides; returns the leading dims."""
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(
+            f"student_hidden is {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)}: their "
+            "leading (token) dims must match"
+        )
+    if student_hidden.dtype != teacher_hidden.dtype:
+        raise TypeError(
+            f"student is {student_hidden.dtype} but teacher is {teacher_hidden.dtype}; cast the teacher's hidden states "
+            "and lm_head to the student's dtype (values are upcast to float32 inside the op)"
+        )
+    return lead
+
+
+def _check_mask(mask, lead: tuple) -> torch.Tensor | None:
+    """Optional bool mask of the hidden states' leading dims; returns it flat and contiguous (or None)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError("mask must be a bool tensor (True = trained token), e.g. labels != -100")
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but must match the hidden states' leading dims {lead}")
+    return mask.reshape(-1).contiguous()
+
+
 def linear_generalized_jsd(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -216,29 +243,11 @@ def linear_generalized_jsd(
     th, tw, tb = _check_linear("teacher_", teacher_hidden, teacher_weight, teacher_bias)
     check_nonempty("student_hidden", student_hidden)
     check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden, mask=mask)
-    lead = tuple(student_hidden.shape[:-1])
-    if tuple(teacher_hidden.shape[:-1]) != lead:
-        raise ValueError(
-            f"student_hidden is {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)}: their "
-            "leading (token) dims must match"
-        )
-    if student_hidden.dtype != teacher_hidden.dtype:
-        raise TypeError(
-            f"student is {student_hidden.dtype} but teacher is {teacher_hidden.dtype}; cast the teacher's hidden states "
-            "and lm_head to the student's dtype (values are upcast to float32 inside the op)"
-        )
+    lead = _check_hidden_pair(student_hidden, teacher_hidden)
     vocab = _check_vocab_size(vocab_size, sw.shape[0], tw.shape[0])
     b = _check_beta(beta)
     inv_t = 1.0 / check_temperature(temperature)
-    flat_mask = None
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError("mask must be a bool tensor (True = trained token), e.g. labels != -100")
-        if tuple(mask.shape) != lead:
-            raise ValueError(
-                f"mask has shape {tuple(mask.shape)} but must match the hidden states' leading dims {lead}"
-            )
-        flat_mask = mask.reshape(-1).contiguous()
+    flat_mask = _check_mask(mask, lead)
     loss, _stats = torch.ops.opdx.linear_generalized_jsd_fwd(
         sh, sw, sb, th.detach(), tw.detach(), None if tb is None else tb.detach(), flat_mask, vocab, b, inv_t,
         _check_tile(vocab_tile),
