@@ -97,15 +97,12 @@ class LossConfig:
     lmbda: float = 1.0  # probability that the student generates the batch (on-policy)
     seq_kd: bool = False  # when the student does not generate: teacher generates (True) or dataset response (False)
     sft_alpha: float = 0.0  # weight of cross-entropy on non-student sequences
-    # opd: true = normalized REINFORCE (reward mean/std over the batch's tokens, opdx.losses.opd_loss) instead of the
-    # importance-sampled per-token advantage (opdx.losses.opd_is_loss)
-    normalize_reward: bool = False
+    normalize_reward: bool = False  # opd: the normalized REINFORCE of opdx.losses.opd_loss instead of opd_is_loss
     # importance-sampled opd (opdx.losses.opd_is_loss): advantage = -kl_coef * (sampler logp - teacher logp) of the
     # sampled token, optionally summed over later tokens with weight discount^k; ratio exp(logp_train - logp_sampler)
     kl_coef: float = 1.0
     discount: float = 0.0  # 0 = per-token advantage, 1 = undiscounted sum over the rest of the completion
-    # opd: subtract the batch's mean advantage (a constant baseline; unbiased, lower variance, no rescaling)
-    baseline: bool = True
+    baseline: bool = True  # opd: subtract the batch's mean advantage (a constant baseline: unbiased, lower variance)
     is_clip: float | None = None  # PPO clip ε of the importance ratio (e.g. 0.2); null = no clipping
     # fused lm_head + loss (opdx.ops.linear_*: never forms [N, V] logits) for opd and gjsd: auto = on when the
     # vocabulary is >= 65536 and the student's lm_head is whole (not ZeRO-3); topk always works on hidden states

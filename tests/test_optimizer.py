@@ -4,6 +4,7 @@ every ZeRO stage and dtype (DeepSpeed in this process, a world of one over gloo)
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -57,10 +58,17 @@ def world_of_one():
 
     from opdx.train.distributed import single_process_env
 
+    saved = dict(os.environ)
     single_process_env()
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         deepspeed.init_distributed(dist_backend="gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    yield
+    if owned and dist.is_initialized():  # later tests run the trainer in process and expect no process group
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _engine(stage: int, dtype: str, impl: str = "auto", clip: float = 1.0):
