@@ -91,8 +91,9 @@ class VLLMColocateRollout:
             if not current_platform.is_sleep_mode_available():
                 raise ValueError(f"rollout.sleep=true: vLLM sleep mode is not available on this platform "
                                  f"({current_platform.device_type}); set rollout.sleep=false")
-        if external_launcher is None:
-            external_launcher = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if external_launcher is None:  # a torchrun job's process group (not one vLLM made for an earlier engine)
+            external_launcher = torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and "RANK" in os.environ
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
                       enable_sleep_mode=bool(sleep), enable_prefix_caching=False)
         if torch.cuda.is_available():
