@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from opdx.ops._checks import acc_dtype as _acc_dtype
 
 
 @torch.library.register_fake("opdx::topk_gather_dot")

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from opdx.ops._checks import acc_dtype as _acc_dtype
+
 from opdx.ops._checks import (
     FLOAT_DTYPES,
     check_nonempty,
@@ -138,10 +140,6 @@ def generalized_jsd(
         bool(compute_grad), bool(grad_fp32),
     )
     return loss.view(lead)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("opdx::generalized_jsd_fwd")

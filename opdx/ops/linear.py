@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from opdx.ops._checks import acc_dtype as _acc_dtype
+
 from opdx.ops._checks import (
     FLOAT_DTYPES,
     check_nonempty,
@@ -107,10 +109,6 @@ def linear_token_logprobs(
     logp, _lse = torch.ops.opdx.linear_token_logprobs_fwd(h2, w, b, flat_targets, inv_t, int(ignore_index),
                                                          _check_tile(vocab_tile))
     return logp.view(targets.shape)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("opdx::linear_token_logprobs_fwd")

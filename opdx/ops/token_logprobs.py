@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from opdx.ops._checks import acc_dtype as _acc_dtype
+
 from opdx.ops._checks import (
     FLOAT_DTYPES,
     check_nonempty,
@@ -55,10 +57,6 @@ def token_logprobs(
     if return_entropy:
         return logp, entropy.view(targets.shape)
     return logp
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("opdx::token_logprobs_fwd")
