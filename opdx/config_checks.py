@@ -62,9 +62,6 @@ def cross_tokenizer_rules(cfg) -> Rules:
     yield (not cfg.teacher.server_url,
            f"loss.kind={loss.kind} with teacher.server_url is not supported yet: the cross-tokenizer teacher must be "
            "local (set teacher.path=<teacher dir> and unset teacher.server_url)")
-    yield (not (loss.seq_kd and loss.lmbda < 1.0),
-           f"loss.kind={loss.kind} with loss.seq_kd=true is not supported yet (the teacher's generations would have "
-           "to be re-tokenized for the student): set loss.seq_kd=false (dataset responses) or loss.lmbda=1")
 
 
 def loss_rules(cfg) -> Rules:

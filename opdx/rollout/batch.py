@@ -27,7 +27,7 @@ class RolloutBatch:
 
 def batch_from_completions(prompts, completions, logprobs, finish, *, pad_id: int, eos_ids) -> RolloutBatch:
     """RolloutBatch from per-row completion token lists (already cut at the first EOS by the engine) and the
-    sampler's logprobs of those tokens."""
+    sampler's logprobs of those tokens (None: no sampling logprobs)."""
     width = max(len(p) for p in prompts)
     lens = []
     for i, c in enumerate(completions):
@@ -43,9 +43,11 @@ def batch_from_completions(prompts, completions, logprobs, finish, *, pad_id: in
         seqs[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
         if c:
             seqs[i, width:width + len(c)] = torch.tensor(c, dtype=torch.long)
-            logps[i, :len(c)] = torch.tensor(logprobs[i], dtype=torch.float32)
+            if logprobs is not None:
+                logps[i, :len(c)] = torch.tensor(logprobs[i], dtype=torch.float32)
         mask[i, :len(c)] = True
-    return RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, list(finish), width)
+    return RolloutBatch(seqs, [len(p) for p in prompts], mask, None if logprobs is None else logps, list(finish),
+                        width)
 
 
 def check_finish_reason(reason, i) -> str:

@@ -10,6 +10,10 @@
 3. scores its own sequence (full logits at its completion positions) and merges them into one distribution per
    aligned group (`opdx.xtok.losses.merge_groups`), returned as a `CrossTokenizerSignal`.
 
+For loss.seq_kd the direction reverses (`CrossTokenizerTeacher.generate`): the teacher generates from its own
+prompt encoding and its completion's bytes are tokenized for the student (+ the student's EOS), through the same
+`retokenize`; the student batch is then scored as above.
+
 Sampled bytes that are not valid UTF-8 (a student that split a character) reach the teacher as U+FFFD, one per
 byte (`opdx.xtok.align.decode_bytes`); they stay aligned in the student's byte positions.
 """
@@ -24,6 +28,7 @@ import torch
 from opdx.config import Config, ConfigError
 from opdx.config_checks import CROSS_TOKENIZER_KINDS
 from opdx.data import Batch, build_batch, encode_examples
+from opdx.rollout.batch import RolloutBatch, batch_from_completions
 from opdx.xtok import Alignment, GroupedSide, VocabMap, align_byte_ends, ids_byte_ends, merge_groups, token_byte_ends
 from opdx.xtok.align import decode_bytes
 from opdx.xtok.tokens import completion_bytes
@@ -65,13 +70,31 @@ def _rows(batch: Batch) -> list[list[int]]:
 
 
 def _append_eos(ids, ends, lengths, has_eos: torch.Tensor, eos_id: int):
-    """Teacher tokens + its EOS (0 bytes: it joins the row's last group) on the rows in ``has_eos``."""
+    """Re-tokenized tokens + the target side's EOS (0 bytes: it joins the row's last group) on the rows in
+    ``has_eos``."""
     rows = torch.nonzero(has_eos)[:, 0]
     pos = lengths[rows]
     ids, ends = torch.nn.functional.pad(ids, (0, 1)), torch.nn.functional.pad(ends, (0, 1))
     ids[rows, pos] = eos_id
     ends[rows, pos] = torch.where(pos > 0, ends[rows, (pos - 1).clamp_min(0)], 0)
     return ids, ends, lengths + has_eos.long()
+
+
+def retokenize(rows: list[list[int]], source_tok, target_tok, *, source_eos: set, target_eos: int, name: str):
+    """THE cross-tokenizer text path: completions ``rows`` (token ids of ``source_tok``) spelled out as their exact
+    bytes (special tokens spell nothing; bytes that are not valid UTF-8 become U+FFFD, one per byte), tokenized by
+    ``target_tok``, + ``target_eos`` where the row ended with one of ``source_eos``. Returns ``(ids [B, L],
+    byte_ends [B, L], lengths [B])`` of the target side (byte ends in the source's byte positions, for
+    `align_byte_ends`); ``name`` names the target tokenizer in errors."""
+    texts, offsets = zip(*(decode_bytes(completion_bytes(source_tok, r)) for r in rows))
+    ids, ends, lengths = token_byte_ends(target_tok, list(texts), name=name, byte_offsets=list(offsets))
+    has_eos = torch.tensor([bool(r) and r[-1] in source_eos for r in rows])
+    return _append_eos(ids, ends, lengths, has_eos, target_eos)
+
+
+def _through_first_eos(ids: list[int], eos: set) -> list[int]:
+    """A completion cut after its first EOS (re-tokenized text may spell an EOS token's string inside it)."""
+    return next((ids[:j + 1] for j, i in enumerate(ids) if i in eos), ids)
 
 
 class CrossTokenizerTeacher:
@@ -81,16 +104,17 @@ class CrossTokenizerTeacher:
                  student_eos_ids, rule: str = "observed", vocab_map: VocabMap | None = None):
         self.teacher, self.student_tok, self.teacher_tok = teacher, student_tokenizer, teacher_tokenizer
         self.prompts, self.vocab, self.rule, self.vocab_map = teacher_prompts, vocab, rule, vocab_map
-        self.student_eos = set(int(e) for e in student_eos_ids)
+        self.student_eos_ids = [int(e) for e in student_eos_ids]
+        self.student_eos = set(self.student_eos_ids)
         self.eos_id = int(teacher_tokenizer.eos_token_id)
         self.pad_id = int(teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None
                           else self.eos_id)
 
-    def _teacher_prompt(self, batch: Batch, b: int) -> list[int]:
-        key = tuple(batch.input_ids[b, :batch.prompt_lens[b]].tolist())
+    def _teacher_prompt(self, prompt_ids, row: int) -> list[int]:
+        key = tuple(prompt_ids)
         if key not in self.prompts:
-            raise ValueError(f"row {b}: no teacher encoding of this prompt; the cross-tokenizer teacher scores prompts "
-                             "of data.train / data.eval only (encoded once by teacher_prompt_map)")
+            raise ValueError(f"row {row}: no teacher encoding of this prompt; the cross-tokenizer teacher scores and "
+                             "generates for prompts of data.train / data.eval only (encoded once by teacher_prompt_map)")
         return self.prompts[key]
 
     def teacher_batch(self, batch: Batch) -> tuple[Batch, Alignment]:
@@ -102,15 +126,32 @@ class CrossTokenizerTeacher:
         for b, r in enumerate(rows):
             s_ids[b, :len(r)] = torch.tensor(r, dtype=torch.int64)
         s_ends = ids_byte_ends(self.student_tok, s_ids, lengths, name="the student tokenizer")
-        texts, offsets = zip(*(decode_bytes(completion_bytes(self.student_tok, r)) for r in rows))
-        t_ids, t_ends, t_len = token_byte_ends(self.teacher_tok, list(texts), name="the teacher tokenizer",
-                                               byte_offsets=list(offsets))
-        has_eos = torch.tensor([bool(r) and r[-1] in self.student_eos for r in rows])
-        t_ids, t_ends, t_len = _append_eos(t_ids, t_ends, t_len, has_eos, self.eos_id)
+        t_ids, t_ends, t_len = retokenize(rows, self.student_tok, self.teacher_tok, source_eos=self.student_eos,
+                                          target_eos=self.eos_id, name="the teacher tokenizer")
         alignment = align_byte_ends(s_ends, t_ends, lengths, t_len)
-        prompts = [self._teacher_prompt(batch, b) for b in range(len(rows))]
+        prompts = [self._teacher_prompt(batch.input_ids[b, :batch.prompt_lens[b]].tolist(), b)
+                   for b in range(len(rows))]
         completions = [t_ids[b, :t_len[b]].tolist() for b in range(len(rows))]
         return build_batch(prompts, completions, self.pad_id).to(self.teacher.device), alignment
+
+    @torch.no_grad()
+    def generate(self, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float, eos_ids,
+                 pad_id: int, synced_gpus: bool = False, vocab_size: int | None = None) -> RolloutBatch:
+        """`LocalTeacher.generate` in the student's tokens (loss.seq_kd, the eval's teacher references): the teacher
+        generates from its own encoding of each prompt (its chat template, its EOS, its vocabulary), and its
+        completions come back re-tokenized for the student (`retokenize`), ending with the student's EOS where the
+        teacher stopped. ``prompts``, ``eos_ids`` and ``pad_id`` are the student's; ``vocab_size`` (the student's) is
+        not used. The returned batch has no sampling logprobs (they were the teacher's, of its own tokens)."""
+        t_prompts = [self._teacher_prompt(p, b) for b, p in enumerate(prompts)]
+        rb = self.teacher.generate(t_prompts, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, eos_ids=[self.eos_id], pad_id=self.pad_id, synced_gpus=synced_gpus,
+                                   vocab_size=self.vocab)
+        s_ids, _, s_len = retokenize(rb.completions(), self.teacher_tok, self.student_tok, source_eos={self.eos_id},
+                                     target_eos=int(list(eos_ids)[0]), name="the student tokenizer")
+        eos = set(int(e) for e in eos_ids)
+        completions = [_through_first_eos(s_ids[b, :s_len[b]].tolist(), eos) for b in range(len(prompts))]
+        finish = ["stop" if c and c[-1] in eos else "length" for c in completions]
+        return batch_from_completions(prompts, completions, None, finish, pad_id=pad_id, eos_ids=eos)
 
     @torch.no_grad()
     def score(self, batch: Batch, kind: str = "gjsd", *, vocab_size: int = 0, temperature: float = 1.0,
