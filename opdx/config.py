@@ -111,6 +111,7 @@ class LossConfig:
     # term weighs -log pi_S by the gamma^k-discounted sum of the later tokens' rewards (gamma in [0, 1]) ...
     gamma: float = 1.0
     length_normalize: bool = True  # minillm: ... divided by the sum of those discounts (the paper's normalization)
+    teacher_mix_alpha: float = 0.0  # minillm, rollout.engine=hf: sample from a*pi_T + (1-a)*pi_S (0 = off)
     # uld / gold (docs/cross-tokenizer.md): per aligned group, each side's M largest merged probabilities plus one
     # tail bucket, sorted descending and compared as sum |s_i - t_i|^uld_p (memory O(groups * M))
     uld_topm: int = 64

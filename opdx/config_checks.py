@@ -42,6 +42,24 @@ def _gold_weight_ok(value: str) -> bool:
     return True
 
 
+def teacher_mix_rules(cfg) -> Rules:
+    """loss.teacher_mix_alpha: MiniLLM's teacher-mixed sampling, one tokenizer, HF rollouts, a local teacher."""
+    alpha, kind = cfg.loss.teacher_mix_alpha, cfg.loss.kind
+    yield (0.0 <= alpha <= 1.0,
+           f"loss.teacher_mix_alpha must be in [0, 1] (the teacher's share of the sampling mixture), got {alpha}")
+    if alpha == 0.0:
+        return
+    yield (kind not in CROSS_TOKENIZER_KINDS,
+           f"loss.teacher_mix_alpha mixes the two models' next-token distributions, which needs one tokenizer: "
+           f"loss.kind={kind} has a teacher with another tokenizer; set loss.teacher_mix_alpha=0")
+    yield (kind == "minillm",
+           f"loss.teacher_mix_alpha is MiniLLM's teacher-mixed sampling: set loss.kind=minillm or "
+           f"loss.teacher_mix_alpha=0 (got loss.kind={kind})")
+    yield (cfg.rollout.engine == "hf",
+           f"loss.teacher_mix_alpha needs rollout.engine=hf (the HF rollout runs student and teacher side by side; "
+           f"vLLM cannot mix in the teacher's distribution), got rollout.engine={cfg.rollout.engine}")
+
+
 def cross_tokenizer_rules(cfg) -> Rules:
     """minillm, uld and gold."""
     loss = cfg.loss
@@ -170,8 +188,9 @@ def training_rules(cfg) -> Rules:
 
 
 # in the order the checks run: the values of one section first, then the combinations that involve others
-SECTION_RULES = (loss_rules, cross_tokenizer_rules, rollout_rules, training_rules, model_rules, teacher_rules)
+SECTION_RULES = (loss_rules, cross_tokenizer_rules, teacher_mix_rules, rollout_rules, training_rules, model_rules,
+                 teacher_rules)
 
 __all__ = ["CROSS_TOKENIZER_KINDS", "FULL_LOGITS_KINDS", "OPTIM_IMPLS", "SECTION_RULES", "cross_tokenizer_rules",
-           "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules", "teacher_rules",
-           "training_rules"]
+           "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules",
+           "teacher_mix_rules", "teacher_rules", "training_rules"]

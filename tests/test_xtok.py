@@ -316,7 +316,10 @@ def test_loss_bad_inputs():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_vocab_map_exact_string_matches_and_cache(tmp_path):
+def test_vocab_map_exact_string_matches_and_cache(tmp_path, monkeypatch):
+    import opdx.xtok.vocab
+
+    monkeypatch.setattr(opdx.xtok.vocab, "_MEMORY_CACHE", {})  # another test may have built this pair's map
     s_tok, t_tok = make_xtok_tokenizers()
     vmap = build_vocab_map(s_tok, t_tok, cache_dir=tmp_path)
     s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()

@@ -1,12 +1,12 @@
-"""loss.kind=minillm / uld / gold in the trainer: the objectives against float64 references (loss and gradients),
-the cross-tokenizer teacher's re-tokenization and byte alignment, training on a fixed batch, the config errors, and
-`python -m opdx.train` end to end (single process) on tiny models with the same and with different tokenizers."""
+"""loss.kind=uld / gold in the trainer: the objectives against float64 references (loss and gradients), the
+cross-tokenizer teacher's re-tokenization and byte alignment (both directions: scoring student text, seq_kd
+generations), training on a fixed batch, the config errors, and `python -m opdx.train` end to end (single process)
+on tiny models with different tokenizers (minillm: tests/test_xtok_minillm.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,58 +14,26 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import make_tiny_pair  # noqa: E402
 from xtok_helpers import (  # noqa: E402
+    TINY,
+    Engine,
     align_reference,
+    assert_same_grads,
     gold_reference,
+    grads_of,
     make_xtok_tokenizers,
     merged_reference,
-    minillm_reference,
     ref_distance,
     sorted_ref,
+    train_run,
 )
 
 from opdx.config import ConfigError, load_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "examples" / "configs" / "tiny.yaml")
 RESPONSES = ["héllo wörld, café", "I ❤️ 🍕 pizza", "Zwölf Boxkämpfer 🎉", "the answer is 42", "naïve  façade\n\nok"]
 
 
-class _Engine:
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, **kw):
-        return self.module(**kw)
-
-
-def _grads(model) -> dict:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same_grads(got: dict, model) -> None:
-    assert got, "no gradient reached the student"
-    for n, p in model.named_parameters():
-        if p.grad is not None and p.grad.abs().max() > 0:
-            assert torch.allclose(got[n].double(), p.grad.double(), rtol=1e-3, atol=1e-6), n
-
-
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def same(tmp_path_factory):
-    """A tiny pair sharing one tokenizer, loaded in process (minillm)."""
-    from transformers import AutoModelForCausalLM
-
-    from opdx.models import aligned_vocab_size, load_tokenizer
-
-    t_dir, s_dir = make_tiny_pair(str(tmp_path_factory.mktemp("minillm") / "models"))
-    tok = load_tokenizer(s_dir)
-    student = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(t_dir, dtype=torch.float32)
-    return {"tok": tok, "student": student, "teacher": teacher, "vocab": aligned_vocab_size(tok, student, teacher)}
-
-
 def make_xtok_pair(out_dir: Path) -> dict:
     """Tiny random Llamas (opdx.models.make_tiny_models, 420 rows) given the two different byte-level BPE
     tokenizers of tests/xtok_helpers.py (student 300 tokens, teacher 420), and a prompt file whose responses hold
@@ -114,38 +82,6 @@ def _dataset_batch(data, n: int = 5):
     from opdx.data import build_batch
 
     return build_batch(data.train_prompts[:n], data.train_responses[:n], data.pad_id)
-
-
-# ------------------------------------------------------------------------------------------------ minillm
-@pytest.mark.parametrize("gamma, normalize", [(1.0, True), (0.8, False)])
-def test_minillm_objective_matches_float64_reference(same, gamma, normalize):
-    from opdx.data import build_batch
-    from opdx.rollout.hf import HFRollout
-    from opdx.teacher.local import LocalTeacher
-    from opdx.train.objectives import make_objective, teacher_signal
-
-    tok, vocab, student, teacher = same["tok"], same["vocab"], same["student"], same["teacher"]
-    rollout = HFRollout(student, eos_ids=[tok.eos_token_id], pad_id=tok.eos_token_id, max_new_tokens=8,
-                        vocab_size=vocab)
-    prompts = [tok("the quick brown fox " * (i + 1))["input_ids"] for i in range(3)]
-    rb = rollout.generate(prompts, seed=int(torch.randint(0, 1000, ())))
-    batch = build_batch(prompts, rb.completions(), tok.eos_token_id)
-    cfg = load_config(TINY, ["loss.kind=minillm", f"loss.gamma={gamma}", f"loss.length_normalize={normalize}"])
-    objective = make_objective(cfg, vocab)
-    signal = teacher_signal(LocalTeacher(teacher), batch, objective.signal_spec(), vocab)
-    student.zero_grad(set_to_none=True)
-    loss, stats = objective.compute(_Engine(student), batch, signal, "student", rollout=rb)
-    loss.backward()
-    got = _grads(student)
-    student.zero_grad(set_to_none=True)
-    s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1, :vocab].double()
-    with torch.no_grad():
-        t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1, :vocab].double()
-    ref = minillm_reference(s, t, batch.targets.clamp(min=0), batch.loss_mask, gamma, normalize, 1.0)
-    ref.backward()
-    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-4, abs=1e-6)
-    _assert_same_grads(got, student)
-    assert stats.n == float(batch.loss_mask.sum()) and stats.k3_sum >= 0
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -285,9 +221,9 @@ def test_cross_tokenizer_objective_matches_float64_reference(xtok, kind, extra):
     cfg, data, student, t_model, teacher, objective = _xtok_setup(xtok, kind, *extra)
     batch = _dataset_batch(data)
     signal = teacher.score(batch, objective.signal_spec().teacher_kind, vocab_size=len(data.tokenizer))
-    loss, stats = objective.compute(_Engine(student), batch, signal, "dataset")
+    loss, stats = objective.compute(Engine(student), batch, signal, "dataset")
     loss.backward()
-    got = _grads(student)
+    got = grads_of(student)
     student.zero_grad(set_to_none=True)
     sl, sy, sg, tl, ty, tg, n = _reference_inputs(data, student, t_model, batch, _prompt_texts(xtok))
     assert n == signal.num_groups and torch.equal(sg, signal.student_groups)
@@ -299,7 +235,7 @@ def test_cross_tokenizer_objective_matches_float64_reference(xtok, kind, extra):
         ref = gold_reference(sl, sy, sg, tl, ty, tg, n, teacher.vocab_map, c.beta, c.uld_topm, weight)
     ref.backward()
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-4, abs=1e-6)
-    _assert_same_grads(got, student)
+    assert_same_grads(got, student)
     assert stats.n == float(batch.loss_mask.sum()) and stats.k1_sum == stats.k1_sum
 
 
@@ -315,7 +251,7 @@ def test_cross_tokenizer_trains_on_a_fixed_batch(xtok, kind):
     losses, kls = [], []
     for _ in range(12):
         opt.zero_grad(set_to_none=True)
-        loss, stats = objective.compute(_Engine(student), batch, signal, "dataset")
+        loss, stats = objective.compute(Engine(student), batch, signal, "dataset")
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
         assert torch.isfinite(grads).all() and grads.abs().max() > 0
@@ -365,7 +301,7 @@ def test_seq_kd_trains_on_the_teachers_retokenized_text(xtok, kind):
         row = ids[b, :lengths[b]].tolist()
         assert row[-1] == data.eos_ids[0] and _side_bytes(s_tok, row[:-1]).decode() == text
     signal = teacher.score(batch, "gjsd", vocab_size=len(s_tok))
-    loss, stats = objective.compute(_Engine(student), batch, signal, "teacher")
+    loss, stats = objective.compute(Engine(student), batch, signal, "teacher")
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
     assert torch.isfinite(loss) and torch.isfinite(grads).all() and grads.abs().max() > 0
@@ -373,29 +309,12 @@ def test_seq_kd_trains_on_the_teachers_retokenized_text(xtok, kind):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def _train(args: list[str], out: Path, timeout: int = 300) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "-m", "opdx.train", "--config", TINY, f"train.output_dir={out}",
-                        "log.plot=false", "log.tensorboard=false", "save.every=0", "save.final=false",
-                        "eval.num_prompts=4", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
-    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def test_minillm_smoke_run(tmp_path):
-    rows = _train(["loss.kind=minillm", "train.max_steps=2"], tmp_path / "run")
-    train = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in train] == [1, 2]
-    assert all(r["loss"] == r["loss"] and r["tokens"] > 0 for r in train)
-
-
 @pytest.mark.parametrize("kind, sources", [("gold", ["loss.lmbda=0.5"]), ("uld", ["loss.lmbda=0", "loss.seq_kd=true"])])
 def test_cross_tokenizer_run_end_to_end(xtok, tmp_path, kind, sources):
     """`python -m opdx.train` with a student and a teacher whose tokenizers differ (gold with λ = 0.5: student
     rollouts and dataset responses; uld with λ = 0 and seq_kd: the teacher's generations): finite losses, and the
     held-out metric is the per-group reverse KL."""
-    rows = _train(_path_overrides(xtok, f"loss.kind={kind}", *sources, "train.max_steps=3", "eval.every=0",
+    rows = train_run(_path_overrides(xtok, f"loss.kind={kind}", *sources, "train.max_steps=3", "eval.every=0",
                                   "rollout.max_new_tokens=12"), tmp_path / "run")
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_group_reverse_kl" in r]

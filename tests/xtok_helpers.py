@@ -1,12 +1,20 @@
 """Cross-tokenizer test helpers: two tiny byte-level BPE tokenizers with different vocab sizes and merges (built
 offline), a plain Python reference of the byte alignment (also the benchmark's baseline), and float64 references of
-the merged-group losses and MiniLLM."""
+the merged-group losses and MiniLLM, and the trainer helpers the cross-tokenizer / MiniLLM tests share."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "examples" / "configs" / "tiny.yaml")
 
 # Two different training texts, so the merges differ (not only the vocabulary size). Both hold multi-byte UTF-8
 # (accents, emoji) often enough that some multi-byte characters become single tokens on one side only.
@@ -124,7 +132,9 @@ def gold_reference(sl, sy, sg, tl, ty, tg, n, vmap, beta, top_m, weight):
     return total / n
 
 
-def minillm_reference(s, t, y, mask, gamma, normalize, weight):
+def minillm_reference(s, t, y, mask, gamma, normalize, weight, iw=None):
+    """MiniLLM in float64 loops: per trained token −w·R_{t+1}·log p_S(y_t) + weight·w·KL(p_S‖p_T), w = ``iw`` (the
+    importance weights of teacher-mixed samples) or 1."""
     log_s, log_t = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     s_lp = log_s.gather(-1, y[..., None])[..., 0]
     t_lp = log_t.gather(-1, y[..., None])[..., 0]
@@ -139,5 +149,39 @@ def minillm_reference(s, t, y, mask, gamma, normalize, weight):
             den = sum(gamma ** (k - j - 1) for k in range(j + 1, n) if mask[i, k])
             ret = (num / den if den else 0.0) if normalize else num
             kl = (log_s[i, j].exp() * (log_s[i, j] - log_t[i, j])).sum()
-            total = total - ret * s_lp[i, j] + weight * kl
+            w = 1.0 if iw is None else iw[i, j]
+            total = total - w * ret * s_lp[i, j] + weight * w * kl
     return total / count
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class Engine:
+    """The objectives' view of a DeepSpeed engine: ``engine(**inputs)`` runs ``engine.module``."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+
+def grads_of(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict, model) -> None:
+    assert got, "no gradient reached the student"
+    for n, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().max() > 0:
+            assert torch.allclose(got[n].double(), p.grad.double(), rtol=1e-3, atol=1e-6), n
+
+
+def train_run(args: list[str], out: Path, timeout: int = 300) -> list[dict]:
+    """`python -m opdx.train` on examples/configs/tiny.yaml + ``args`` into ``out``: the metrics.jsonl rows."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-m", "opdx.train", "--config", TINY, f"train.output_dir={out}",
+                        "log.plot=false", "log.tensorboard=false", "save.every=0", "save.final=false",
+                        "eval.num_prompts=4", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]

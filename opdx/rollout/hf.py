@@ -9,6 +9,8 @@ logprobs come from generate's raw logits (``output_logits``), not from the proce
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from opdx.data import completion_mask
@@ -19,11 +21,11 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DeepSpeed engine -> module
 
 
-def _sampled_raw_logprobs(step_logits, completions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+def _sampled_raw_logprobs(step_logits, completions: torch.Tensor) -> torch.Tensor | None:
     """[B, T] temperature-1 logprobs of the sampled tokens over all lm_head rows, from generate's raw per-step
     logits (before temperature, top-p, suppress_tokens, min_new_tokens): the distribution the trainer's forward
-    computes and vLLM reports (raw_logprobs), so exp(logp_train - logp_sampler) is an importance ratio. 0 where
-    ``mask`` is False; None when nothing was generated."""
+    computes and vLLM reports (raw_logprobs), so exp(logp_train - logp_sampler) is an importance ratio. None when
+    nothing was generated."""
     if not step_logits:
         return None
     if len(step_logits) != completions.shape[1]:
@@ -31,7 +33,46 @@ def _sampled_raw_logprobs(step_logits, completions: torch.Tensor, mask: torch.Te
     tokens = completions.to(step_logits[0].device)
     logps = [torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, s, None]).squeeze(-1)
              for s, logits in enumerate(step_logits)]  # one [B, V] step at a time: never a [B, T, V] copy
-    return torch.stack(logps, 1).cpu().masked_fill(~mask, 0.0)
+    return torch.stack(logps, 1).cpu()
+
+
+def left_pad(prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ids [B, P], attention_mask [B, P], P): prompts left-padded to a common width P."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p):] = 1
+    return ids, attn, width
+
+
+def assemble(sequences: torch.Tensor, prompts, width: int, eos_ids, logps: torch.Tensor | None) -> RolloutBatch:
+    """RolloutBatch of generated ``sequences`` [B, P + T] (completions through their first EOS; ``logps`` [B, T]
+    the sampler's logprobs of the sampled tokens, zeroed past each completion)."""
+    seqs = sequences.cpu()
+    comp = seqs[:, width:]
+    mask = completion_mask(comp, eos_ids)
+    finish = ["stop" if bool(mask[i].any()) and int(comp[i, int(mask[i].sum()) - 1]) in eos_ids
+              else "length" for i in range(len(prompts))]
+    logps = None if logps is None else logps.cpu().masked_fill(~mask, 0.0)
+    return RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, finish, width)
+
+
+@contextlib.contextmanager
+def seeded_eval(model, seed: int):
+    """``model`` in eval mode under a fresh RNG state seeded with ``seed`` (restored afterwards, as is the mode):
+    the same seed samples the same tokens."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield device
+    finally:
+        if was_training:
+            model.train()
 
 
 class HFRollout:
@@ -57,13 +98,7 @@ class HFRollout:
     def generate(self, prompts, *, seed: int, max_new_tokens=None, temperature=None) -> RolloutBatch:
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         temperature = self.temperature if temperature is None else temperature
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[i, width - len(p):] = 1
+        ids, attn, width = left_pad(prompts, self.pad_id)
         do_sample = temperature > 0
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
                       pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True,
@@ -84,23 +119,12 @@ class HFRollout:
 
             recorder = _TopKRecorder(self.top_logprobs)
             kwargs["logits_processor"] = LogitsProcessorList([recorder])
-        was_training = self.model.training
-        self.model.eval()
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded_eval(self.model, seed) as device:
             out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
-        if was_training:
-            self.model.train()
-        seqs = out.sequences.cpu()
-        comp = seqs[:, width:]
-        mask = completion_mask(comp, self.eos_ids)
-        logps = _sampled_raw_logprobs(out.logits, comp, mask)
-        finish = ["stop" if bool(mask[i].any()) and int(comp[i, int(mask[i].sum()) - 1]) in self.eos_ids
-                  else "length" for i in range(len(prompts))]
-        batch = RolloutBatch(seqs, [len(p) for p in prompts], mask, logps, finish, width)
+        batch = assemble(out.sequences, prompts, width, self.eos_ids,
+                         _sampled_raw_logprobs(out.logits, out.sequences[:, width:]))
         if recorder is not None:
-            batch.topk = recorder.rows(mask.sum(1).tolist())
+            batch.topk = recorder.rows(batch.completion_mask.sum(1).tolist())
         return batch
 
 

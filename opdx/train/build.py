@@ -63,6 +63,13 @@ class Trainer:
     teacher_tokens: int = 0
     teacher_eval: dict | None = None  # the teacher's greedy eval references (opdx.train.evaluate), once per run
     teacher_completions: list = field(default_factory=list)
+    # loss.teacher_mix_alpha > 0: the training rollouts' sampler (opdx.rollout.mixed); the eval samples the student
+    mixed_rollout: Any = None
+
+    @property
+    def train_rollout(self):
+        """The engine that samples the student's training rollouts."""
+        return self.mixed_rollout or self.rollout
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -339,7 +346,12 @@ def build_engines(cfg: Config, device, data: Data) -> Trainer:
                            student_dir=data.student_dir)
     sampler = Sampler(len(data.train_prompts), cfg.train.micro_batch_size, world_size=world(), rank=rank(),
                       seed=cfg.train.seed)
-    return Trainer(cfg, device, data, engine, teacher, rollout, objective, sampler, vocab)
+    trainer = Trainer(cfg, device, data, engine, teacher, rollout, objective, sampler, vocab)
+    if cfg.loss.teacher_mix_alpha > 0:
+        from opdx.rollout.mixed import TeacherMixedRollout
+
+        trainer.mixed_rollout = TeacherMixedRollout(rollout, teacher.model, cfg.loss.teacher_mix_alpha)
+    return trainer
 
 
 def resume(t: Trainer) -> None:

@@ -223,11 +223,23 @@ class MiniLLM(Objective):
     """MiniLLM (opdx.xtok.minillm.minillm_loss) on the student's samples, same tokenizer: the long-term policy
     gradient term with the detached per-token reward log π_T − log π_S of the sampled tokens (loss.gamma-discounted
     sum of the later rewards, loss.length_normalize) plus the single-step term, the full-vocabulary reverse KL at
-    every position from the teacher's full logits."""
+    every position from the teacher's full logits. With loss.teacher_mix_alpha > 0 the student's rollouts were drawn
+    from the teacher-mixed distribution and both terms are weighed by π_S / mixture of the sampled token."""
 
     kind = "minillm"
     returns = "logits"
     fused_view = False
+
+    def mix_weights(self, view, source, rollout) -> torch.Tensor | None:
+        """Importance weights π_S(y_t) / mixture(y_t) of teacher-mixed rollouts (both at temperature 1 over the
+        shared vocabulary), None for plain student samples."""
+        if self.loss_cfg.teacher_mix_alpha == 0 or source != "student":
+            return None
+        mixture = sampler_logprobs(rollout, view)
+        if mixture is None:
+            raise RuntimeError("loss.teacher_mix_alpha > 0 needs the teacher-mixed rollout's sampling logprobs "
+                               "(opdx.rollout.mixed.TeacherMixedRollout), got a rollout without them")
+        return torch.exp(view.token_logprobs(1.0, grad=False) - mixture).masked_fill(~view.mask, 0.0)
 
     def loss(self, view, signal, batch, source, rollout=None):
         from opdx.xtok import minillm_loss
@@ -236,7 +248,8 @@ class MiniLLM(Objective):
         teacher = view.logits.new_zeros(view.logits.shape)  # [B, T, V]; only the trained positions are read
         teacher[view.mask] = signal.logits.to(teacher.dtype)
         loss, _ = minillm_loss(view.logits, teacher, view.batch.targets, view.mask, gamma=c.gamma,
-                               length_normalize=c.length_normalize, temperature=self.temperature)
+                               length_normalize=c.length_normalize, temperature=self.temperature,
+                               weights=self.mix_weights(view, source, rollout))
         return self._finish(view, signal, loss, view.token_logprobs(self.temperature, grad=False), False)
 
 

@@ -50,7 +50,7 @@ def make_sequences(t: Trainer, idx: list[int], source: str, seed: int) -> Sequen
     prompts = [t.data.train_prompts[i] for i in idx]
     rb = None
     if source == "student":
-        rb = t.rollout.generate(prompts, seed=seed)
+        rb = t.train_rollout.generate(prompts, seed=seed)
         completions = rb.completions()
     elif source == "teacher":
         r = t.cfg.rollout

@@ -8,8 +8,10 @@ The objective is the sequence-level reverse KL KL(π_S‖π_T). With per-token r
 - a single-step term: the exact gradient of the full-vocabulary reverse KL KL(π_S(·|y_<t)‖π_T(·|y_<t)) at each
   position (our GJSD kernel at β = 1), which replaces the noisy one-sample estimate of the current token's reward.
 
-Teacher-mixed sampling (sampling from α·π_T + (1 − α)·π_S with importance weights) needs a rollout engine that mixes
-the two models' distributions at every step: only an HF-generate rollout can do that; it is not built here.
+Teacher-mixed sampling (the paper's variant: tokens drawn from p̃ = α·π_T + (1 − α)·π_S by
+`opdx.rollout.mixed.TeacherMixedRollout`) weighs both terms at each position by the single-step importance weight
+w_t = π_S(y_t) / p̃(y_t) (detached; the paper's approximation of the sequence-level ratio), ``weights`` below.
+For α < 1, w_t ≤ 1 / (1 − α).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def future_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 
 
 def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor, *, gamma: float = 1.0, length_normalize: bool = True,
-                 single_step_weight: float = 1.0, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+                 single_step_weight: float = 1.0, temperature: float = 1.0,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """MiniLLM loss on student samples: mean over valid tokens of −R_{t+1}·log π_S(y_t) (see `future_returns`)
     plus single_step_weight · the mean full-vocabulary reverse KL KL(π_S‖π_T) per position.
 
@@ -49,6 +52,8 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
         targets: ``[B, T]`` the sampled tokens; mask: bool ``[B, T]``, True at the trained (generated) tokens.
         gamma, length_normalize: see `future_returns` (the paper: γ = 1, normalized).
         temperature: divides both logits.
+        weights: optional ``[B, T]`` per-token importance weights (detached) multiplying both terms (teacher-mixed
+            sampling); None = 1.
 
     Returns (loss, stats) with stats {reward_mean, single_step_kl, k1} (python floats); the teacher gets no gradient.
     """
@@ -67,10 +72,11 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
         rewards = (teacher_logp - student_logp).masked_fill(~mask, 0.0)
         returns = future_returns(rewards, mask, gamma=gamma, length_normalize=length_normalize)
     n = mask.sum().clamp_min(1)
-    long_term = -(returns * student_logp).masked_fill(~mask, 0.0).sum() / n
+    w = 1.0 if weights is None else weights.detach().to(student_logp.dtype).masked_fill(~mask, 0.0)
+    long_term = -(w * returns * student_logp).masked_fill(~mask, 0.0).sum() / n
     kl = generalized_jsd(student_logits, teacher_logits.to(student_logits.dtype), beta=1.0,
                          temperature=temperature, mask=mask)
-    single_step = kl.sum() / n
+    single_step = (w * kl).sum() / n
     stats = {"reward_mean": float(rewards.sum() / n), "single_step_kl": float(single_step.detach()),
              "k1": float(-rewards.sum() / n)}
     return long_term + float(single_step_weight) * single_step, stats
