@@ -44,6 +44,13 @@ NOTES = {
                   "loss = student forward + loss, backward = backward + optimizer step, sync = rollout weight sync, "
                   "other) the median ms and the % of the time; `speedup_vs_trl` = TRL GKDTrainer's median step / "
                   "this one's (same models, batch, rollout length); `loadavg_1m_*`: the machine's load around the run.",
+    "xtok_step": "One cross-tokenizer step at B=8 x 256 student completion tokens (benchmarks/test_xtok.py::"
+                 "test_xtok_step_share): `teacher_scoring` = the demo teacher's forward with full logits at its "
+                 "completion positions; the rest is what uld / gold add to a step: `retokenize_align` (student text "
+                 "-> teacher tokens + byte alignment), `teacher_group_merge`, the student's group merge + loss "
+                 "forward + backward over random logits of a 32768-row vocabulary (a second tokenizer made of the "
+                 "teacher's first 32768 ids and their merges), and their sums `*_alignment+loss`. "
+                 "`pct_of_teacher_scoring` = time / teacher_scoring time.",
     "rollout": "Generated tokens/s of one `generate` call (tokens through EOS / wall time; medians over `rounds`, "
                "with min/max), HF `generate` vs the colocated vLLM engine (benchmarks/test_rollout.py).",
     "rollout_weight_sync": "`VLLMColocateRollout.sync_weights` after a parameter change (median time with min/max; "

@@ -1,11 +1,16 @@
 """Cross-tokenizer distillation cost: the byte alignment (opdx.xtok.align_byte_ends) vs a plain Python two-pointer
 implementation of the same alignment (tests/xtok_helpers.align_reference) at B=8 completions of ~256 student tokens
-(and B=32 of ~1024), the same with the re-tokenization of both sides (token_byte_ends), and the ULD / GOLD losses'
-forward + backward at B=8 x 256 against a full-vocabulary sort. Run:
+(and B=32 of ~1024), the same with the re-tokenization of both sides (token_byte_ends), the ULD / GOLD losses'
+forward + backward at B=8 x 256 against a full-vocabulary sort, and (`test_xtok_step_share`) one step's alignment +
+loss next to its teacher-scoring time (the demo teacher's forward). Run:
 `PYTHONPATH=. python -m pytest benchmarks/test_xtok.py -q -s` (results: benchmarks/results/<device>-xtok_*.json).
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +124,103 @@ def test_xtok_losses(benchmark, impl):
                logits_mb=sl.numel() * sl.element_size() / 2**20)
     record("xtok_losses", "cpu", LOSS_CASE, impl, row)
     print(f"{impl:24s} fwd+bwd {row['time_ms']:9.2f} ms  peak {row['peak_mem_mb']:8.1f} MB  groups {n}")
+
+
+# ------------------------------------------------------------------------------------------------ one step's share
+STEP_CASE = dict(B=8, tokens=256, teacher="SmolLM2-135M-Instruct", V_student=32768, dtype="float32")
+
+
+def truncated_tokenizer(teacher_dir: str, vocab_size: int):
+    """A second byte-level BPE tokenizer derived from the teacher's: its first ``vocab_size`` ids and the merges
+    that stay inside them (so it splits the text into more, shorter tokens: a different tokenization and
+    vocabulary of a realistic size), with the teacher's specials and chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from opdx.models import load_tokenizer
+
+    teacher = load_tokenizer(teacher_dir)
+    spec = json.loads((Path(teacher_dir) / "tokenizer.json").read_text())
+    vocab = {piece: i for piece, i in spec["model"]["vocab"].items() if i < vocab_size}
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
+    spec["model"]["vocab"] = vocab
+    spec["model"]["merges"] = [m for m in pairs if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    spec["post_processor"] = None  # ByteLevel offsets untrimmed (byte alignment needs every byte covered)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                  eos_token=teacher.eos_token, pad_token=teacher.pad_token)
+    tok.chat_template = teacher.chat_template
+    return tok
+
+
+def _step_inputs(case):
+    """(CrossTokenizerTeacher on the demo teacher, student batch of B texts of ``tokens`` student tokens + EOS)."""
+    from opdx.data import build_batch, encode_prompt
+    from opdx.models import ensure_demo_models, load_causal_lm, load_tokenizer
+    from opdx.teacher.local import LocalTeacher
+    from opdx.train.xtok_scoring import CrossTokenizerTeacher
+    from opdx.xtok import build_vocab_map
+
+    teacher_dir, _ = ensure_demo_models(progress=False)
+    t_tok, s_tok = load_tokenizer(teacher_dir), truncated_tokenizer(teacher_dir, case["V_student"])
+    texts = make_texts(s_tok, case["B"], case["tokens"])
+    questions = [f"Question {i}: write about foxes, food and numbers." for i in range(case["B"])]
+    s_prompts = [encode_prompt(s_tok, q) for q in questions]
+    prompt_map = {tuple(s): encode_prompt(t_tok, q) for s, q in zip(s_prompts, questions)}
+    completions = [s_tok(t, add_special_tokens=False)["input_ids"] + [s_tok.eos_token_id] for t in texts]
+    batch = build_batch(s_prompts, completions, s_tok.pad_token_id)
+    model = load_causal_lm(teacher_dir, dtype=getattr(torch, case["dtype"]))
+    teacher = CrossTokenizerTeacher(LocalTeacher(model), student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+                                    teacher_prompts=prompt_map, vocab=len(t_tok), student_eos_ids=[s_tok.eos_token_id],
+                                    vocab_map=build_vocab_map(s_tok, t_tok))
+    return teacher, batch
+
+
+def test_xtok_step_share(benchmark):
+    """B=8 completions of 256 student tokens: the teacher's scoring forward (full logits at its completion
+    positions) vs what the cross-tokenizer path adds per step: re-tokenization + byte alignment (teacher_batch), the
+    teacher's group merge, and the student's group merge + ULD / GOLD loss forward + backward (random student logits
+    over V_student; the student's own forward is the same for every loss kind and not counted)."""
+    from opdx.ops import token_logprobs
+    from opdx.train.xtok_scoring import group_sums
+
+    case = STEP_CASE
+    teacher, batch = _step_inputs(case)
+    t_batch, alignment = teacher.teacher_batch(batch)
+    s_groups, t_groups, n = alignment.flat()
+    t_logits = teacher.teacher.score(t_batch, "gjsd", vocab_size=teacher.vocab).logits
+    t_y, s_y = t_batch.targets[t_batch.loss_mask], batch.targets[batch.loss_mask]
+    with torch.no_grad():
+        t_side = merge_groups(t_logits, t_y, t_groups, n)
+    g = torch.Generator().manual_seed(0)
+    s_logits = (torch.randn(len(s_y), case["V_student"], generator=g) * 3).requires_grad_(True)
+
+    def loss_step(kind):
+        side = merge_groups(s_logits, s_y, s_groups, n)
+        loss = uld_loss(side, t_side) if kind == "uld" else gold_loss(side, t_side, teacher.vocab_map)[0]
+        return torch.autograd.grad(loss, s_logits)
+
+    def teacher_merge():
+        with torch.no_grad():
+            merge_groups(t_logits, t_y, t_groups, n)
+            group_sums(token_logprobs(t_logits, t_y), t_groups, n)
+
+    phases = {
+        "teacher_scoring": lambda: teacher.teacher.score(t_batch, "gjsd", vocab_size=teacher.vocab),
+        "retokenize_align": lambda: teacher.teacher_batch(batch),
+        "teacher_group_merge": teacher_merge,
+        "uld_student_merge_loss_fwd_bwd": lambda: loss_step("uld"),
+        "gold_student_merge_loss_fwd_bwd": lambda: loss_step("gold"),
+    }
+    benchmark.pedantic(phases["retokenize_align"], rounds=3, warmup_rounds=1, iterations=1)
+    load = os.getloadavg()[0]
+    rows = {name: measure(fn, "cpu", reps=3) for name, fn in phases.items()}
+    shared = rows["retokenize_align"]["time_ms"] + rows["teacher_group_merge"]["time_ms"]
+    for kind in ("uld", "gold"):
+        total = shared + rows[f"{kind}_student_merge_loss_fwd_bwd"]["time_ms"]
+        rows[f"{kind}_alignment+loss"] = {"time_ms": total}
+    scoring = rows["teacher_scoring"]["time_ms"]
+    for name, row in rows.items():
+        row.update(student_tokens=len(s_y), teacher_tokens=len(t_y), groups=n, loadavg_1m_before=load,
+                   pct_of_teacher_scoring=100.0 * row["time_ms"] / scoring)
+        record("xtok_step", "cpu", case, name, row)
+        print(f"{name:34s} {row['time_ms']:10.2f} ms  {row['pct_of_teacher_scoring']:6.1f}% of teacher scoring")
