@@ -114,7 +114,8 @@ class CrossTokenizerTeacher:
         key = tuple(prompt_ids)
         if key not in self.prompts:
             raise ValueError(f"row {row}: no teacher encoding of this prompt; the cross-tokenizer teacher scores and "
-                             "generates for prompts of data.train / data.eval only (encoded once by teacher_prompt_map)")
+                             "generates for prompts of data.train / data.eval only (encoded once by "
+                             "teacher_prompt_map)")
         return self.prompts[key]
 
     def teacher_batch(self, batch: Batch) -> tuple[Batch, Alignment]:
