@@ -70,9 +70,12 @@ def check_run(out, steps):
     ev = [r for r in rows if "eval_reverse_kl" in r]
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     for r in train:
-        for k in ("step", "loss", "reverse_kl", "tokens_per_s", "time_rollout_s", "time_teacher_s", "time_train_s",
+        for k in ("step", "loss", "tokens_per_s", "time_rollout_s", "time_teacher_s", "time_train_s",
                   "response_len", "source"):
             assert k in r, k
+        # reverse KL on the student's own samples; a log-ratio on teacher / dataset sequences (no KL estimate)
+        assert ("reverse_kl" in r) == ("student" in r["source"].split(",")), r
+        assert ("teacher_logratio" in r) == (set(r["source"].split(",")) != {"student"}), r
         assert all(isinstance(r[k], (int, float)) and r[k] == r[k] for k in r if k != "source")
     assert ev and ev[0]["step"] == 0 and ev[-1]["step"] == steps
     report = Path(out) / "report"  # the end-of-run opdx.report
@@ -147,7 +150,10 @@ def _same_run(a, b, *, rel):
     ta, tb = [r for r in metrics(a) if "loss" in r], [r for r in metrics(b) if "loss" in r]
     assert [r["step"] for r in ta] == [r["step"] for r in tb] and ta
     for x, y in zip(ta, tb):
-        for k in ("loss", "reverse_kl", "reverse_kl_k3", "tokens"):
+        assert set(x) == set(y), (x["step"], sorted(set(x) ^ set(y)))
+        for k in ("loss", "reverse_kl", "reverse_kl_k3", "teacher_logratio", "tokens"):
+            if k not in x:
+                continue
             assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-7), (x["step"], k, x[k], y[k])
     for sub in ("", "adapter") if (Path(a) / "final" / "adapter").is_dir() else ("",):
         wa, wb = _final_weights(a, sub), _final_weights(b, sub)
@@ -313,8 +319,12 @@ def _finite_run(out, steps):
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     for r in train:
-        for k in ("loss", "reverse_kl", "reverse_kl_k3"):
+        # the reverse-KL estimates exist on the student's own samples only; other sources log teacher_logratio
+        keys = ("loss",) + (("reverse_kl", "reverse_kl_k3") if "student" in r["source"] else ()) + \
+            (("teacher_logratio",) if r["source"] != "student" else ())
+        for k in keys:
             assert isinstance(r[k], float) and math.isfinite(r[k]), (r["step"], k, r[k])
+        assert ("reverse_kl" in r) == ("student" in r["source"]), r
     assert any(r["loss"] != 0.0 for r in train)
     ev = [r for r in rows if "eval_reverse_kl" in r]
     assert ev and all(math.isfinite(r["eval_reverse_kl"]) for r in ev)

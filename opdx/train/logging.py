@@ -122,8 +122,9 @@ class Progress:
 
     def update(self, record: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", rkl=f"{record['reverse_kl']:.4f}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            kl = {"rkl": f"{record['reverse_kl']:.4f}"} if "reverse_kl" in record else {}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **kl, tok_s=f"{record['tokens_per_s']:.0f}",
+                                 refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -146,7 +147,10 @@ def write_summary(cfg: Config, logger: Logger, last: dict, *, start_step: int, t
         summary.update(eval_reverse_kl_start=first, eval_reverse_kl_end=lastev,
                        eval_reverse_kl_ratio=lastev / first if first else float("nan"))
     if last:
-        summary.update(final_loss=last["loss"], final_reverse_kl=last["reverse_kl"])
+        summary.update(final_loss=last["loss"])
+        kl = [r["reverse_kl"] for r in logger.rows() if "reverse_kl" in r]
+        if kl:
+            summary["final_reverse_kl"] = kl[-1]
     if cfg.log.plot:
         try:
             from opdx.report import write_report
