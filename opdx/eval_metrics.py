@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from opdx.config import ConfigError
+from opdx.errors import ConfigError
 from opdx.data_eval import score_answer
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
