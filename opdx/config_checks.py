@@ -200,5 +200,5 @@ SECTION_RULES = (loss_rules, cross_tokenizer_rules, rollout_rules, training_rule
                  teacher_rules)
 
 __all__ = ["CROSS_TOKENIZER_KINDS", "FULL_LOGITS_KINDS", "OPTIM_IMPLS", "SECTION_RULES", "cross_tokenizer_rules",
-           "eval_log_rules", "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules",
-           "teacher_rules", "training_rules"]
+           "eval_log_rules", "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules",
+           "rollout_rules", "teacher_rules", "training_rules"]
