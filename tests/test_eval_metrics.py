@@ -90,3 +90,15 @@ def test_bad_spec_lists(user_module):
         parse_metric_specs(["exact_match", "exact_match"])
     with pytest.raises(ConfigError, match="must be a list"):
         parse_metric_specs("exact_match")
+
+
+def test_score_sums_keys_and_records_scored(user_module):
+    """The sums the trainer all-reduces: [sum, count] per metric; exact_match keeps the eval_task_accuracy key; an
+    empty answer is not checkable; a python metric scores every record (needs_answer False)."""
+    from opdx.eval_metrics import score_sums
+
+    metrics = parse_metric_specs(["exact_match", f"r=python:{user_module}:length_ratio"])
+    assert [m.key for m in metrics] == ["task_accuracy", "r"] and [m.needs_answer for m in metrics] == [True, False]
+    assert parse_metric_spec("em=exact_match").key == "em"
+    sums = score_sums(metrics, ["ab", "abcd", "xy"], ["7", "no", "xy"], [{"answer": "7"}, {"answer": ""}, {}])
+    assert sums == pytest.approx([1.0, 1.0, 0.5 + 0.5 + 1.0, 3.0])
