@@ -40,7 +40,9 @@ def _samples(cfg: Config, rollout, student, prompts, *, vocab, pad_id, device, m
 def _trace(out: list | None, k: int, batch, s_logp, t_logp) -> None:
     """Appends the completion tokens of the batch's first rows and their student and teacher logprobs (t_logp None:
     a teacher with another tokenizer) to ``out`` until it holds ``k`` (log.completions, `completions_event`)."""
-    for i in range(min(batch.targets.shape[0], k - len(out)) if out is not None else 0):
+    if out is None:
+        return
+    for i in range(min(batch.targets.shape[0], k - len(out))):
         keep = batch.loss_mask[i]
         out.append({"ids": batch.targets[i][keep].tolist(), "student_logprobs": s_logp[i][keep].tolist(),
                     "teacher_logprobs": None if t_logp is None else t_logp[i][keep].tolist()})
