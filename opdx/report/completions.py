@@ -11,7 +11,9 @@ import math
 from pathlib import Path
 
 TOP_DISAGREE = 3  # tokens per completion shown in bold: the largest |log p_student - log p_teacher|
-_ESCAPE = str.maketrans({c: "\\" + c for c in "\\`*_[]|#"} | {"<": "&lt;", ">": "&gt;", "\n": "⏎", "\r": ""})
+# markdown's special characters escaped; control characters as their Unicode pictures (a newline as ⏎)
+_ESCAPE = str.maketrans({chr(c): chr(0x2400 + c) for c in range(32)} | {c: "\\" + c for c in "\\`*_[]|#"}
+                        | {"<": "&lt;", ">": "&gt;", "\n": "⏎", "\t": " "})
 
 
 def load_completions(path: str | Path) -> list[dict]:
