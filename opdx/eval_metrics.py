@@ -41,7 +41,11 @@ class Metric:
         return _HISTORIC_KEYS.get(self.name, self.name)
 
     def __call__(self, prompt: str, completion: str, record: dict) -> float:
-        return float(self.score_fn(prompt, completion, record))
+        try:
+            return float(self.score_fn(prompt, completion, record))
+        except Exception as exc:  # a user callable's bug: name the spec and the record it failed on
+            raise ValueError(f"eval.metrics: {self.spec!r} failed on the record {record!r:.200}: "
+                             f"{type(exc).__name__}: {exc}") from exc
 
 
 _HISTORIC_KEYS = {"exact_match": "task_accuracy"}  # eval_task_accuracy predates eval.metrics

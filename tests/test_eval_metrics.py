@@ -17,6 +17,9 @@ def user_module(tmp_path, monkeypatch):
             return len(completion) / len(prompt)
 
         NOT_CALLABLE = 3
+
+        def needs_tests(prompt, completion, record):
+            return record["tests"]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "opdx_test_user_metrics"
@@ -102,3 +105,13 @@ def test_score_sums_keys_and_records_scored(user_module):
     assert parse_metric_spec("em=exact_match").key == "em"
     sums = score_sums(metrics, ["ab", "abcd", "xy"], ["7", "no", "xy"], [{"answer": "7"}, {"answer": ""}, {}])
     assert sums == pytest.approx([1.0, 1.0, 0.5 + 0.5 + 1.0, 3.0])
+
+
+def test_failing_callable_names_the_spec_and_record(user_module):
+    m = parse_metric_spec(f"python:{user_module}:needs_tests")
+    assert m("q", "c", {"tests": 0.25}) == 0.25
+    with pytest.raises(ValueError, match=r"eval.metrics: 'python:.*:needs_tests' failed on the record \{'answer': '7'\}: "
+                                         r"KeyError: 'tests'"):
+        m("q", "c", {"answer": "7"})
+    with pytest.raises(ValueError, match="failed on the record.*could not convert"):
+        m("q", "c", {"tests": "not a number"})
