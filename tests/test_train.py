@@ -107,6 +107,41 @@ def test_opd_zero0_lambda_draw_identical_across_ranks(tiny, tmp_path):
     assert {json.loads(x)["source"] for x in r0} == {"student", "teacher"}
 
 
+def test_completions_log_and_eval_metrics(tiny, tmp_path):
+    """log.completions.every=2: completions.jsonl at the evals of steps 0 and 2 (not 1), per-token fields of equal
+    lengths from the eval's samples, the report's bold tokens; eval.metrics logged per spec, averaged over ranks."""
+    (tmp_path / "opdx_train_metric.py").write_text(
+        "def answer_tenth(prompt, completion, record):\n"
+        "    return float(record['answer']) / 10 if record['prompt'] == prompt else -100.0\n")
+    out = tmp_path / "completions"
+    torchrun(tiny, out, "train.max_steps=2", "eval.every=1", "log.completions.every=2", "log.completions.num=2",
+             "eval.metrics=[exact_match, 'digit=regex:(\\d)', python:opdx_train_metric:answer_tenth]",
+             "save.every=0", env_extra={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    _, ev = check_run(out, 2)
+    answers = [int(json.loads(ln)["answer"]) for ln in Path(tiny["eval"]).read_text().splitlines()]
+    for r in ev:  # the callable scores every eval record (8, 4 per rank), exact_match / regex those with an answer
+        assert r["eval_answer_tenth"] == pytest.approx(sum(answers) / len(answers) / 10)
+        assert 0.0 <= r["eval_digit"] <= 1.0 and 0.0 <= r["eval_task_accuracy"] <= 1.0
+        assert "eval_teacher_answer_tenth" in r and "eval_exact_match" not in r
+    events = [json.loads(ln) for ln in (out / "completions.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events] == [0, 2]
+    for e in events:
+        assert len(e["completions"]) == 2
+        for c in e["completions"]:
+            n = len(c["tokens"])
+            assert n > 0 and c["prompt"] and c["teacher"] is not None
+            assert len(c["token_ids"]) == len(c["student_logprobs"]) == len(c["teacher_logprobs"]) == n
+            assert c["logprob_diff"] == pytest.approx([s - t for s, t in zip(c["student_logprobs"],
+                                                                             c["teacher_logprobs"])], abs=2e-4)
+            assert all(lp <= 0 for lp in c["student_logprobs"] + c["teacher_logprobs"])
+    # the same prompts and the same teacher answer at every event; the student's samples move with training
+    assert [c["prompt"] for c in events[0]["completions"]] == [c["prompt"] for c in events[1]["completions"]]
+    assert [c["teacher"] for c in events[0]["completions"]] == [c["teacher"] for c in events[1]["completions"]]
+    text = (out / "report" / "report.md").read_text()
+    assert "## Completions" in text and "### Step 0" in text and "### Step 2" in text
+    assert text.count("| student (sample) |") == 4 and "**" in text.split("## Completions")[1]
+
+
 def test_opd_zero3_teacher_zero3(tiny, tmp_path):
     """ZeRO-3 student (rollouts with synced_gpus) and the teacher as a ZeRO-3 inference engine, with seq_kd."""
     out = tmp_path / "opd3"

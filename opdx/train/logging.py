@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from opdx.config import Config
+from opdx.report.completions import event_markdown
 from opdx.train.distributed import rank
 
 
@@ -48,18 +49,18 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 class Logger:
     """Rank 0 appends one JSON record per line to output_dir/metrics.jsonl (and the numbers to TensorBoard), and
-    the eval sample completions to output_dir/eval_samples.jsonl."""
+    the logged completions of an eval to output_dir/completions.jsonl (and as markdown to TensorBoard's text tab)."""
 
     def __init__(self, cfg: Config, start_step: int):
         self.rank0 = rank() == 0
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
-        self.samples_path = self.path.with_name("eval_samples.jsonl")
+        self.completions_path = self.path.with_name("completions.jsonl")
         self.tb = None
         if not self.rank0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _restart_jsonl(self.path, start_step)
-        _restart_jsonl(self.samples_path, start_step)
+        _restart_jsonl(self.completions_path, start_step)
         if cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -78,9 +79,15 @@ class Logger:
                     self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
 
-    def log_samples(self, record: dict) -> None:
-        if self.rank0:
-            _append_jsonl(self.samples_path, record)
+    def log_completions(self, event: dict) -> None:
+        """One completions.jsonl event (opdx.train.evaluate.completions_event), rendered for TensorBoard by
+        opdx.report.completions."""
+        if not self.rank0:
+            return
+        _append_jsonl(self.completions_path, event)
+        if self.tb is not None:
+            self.tb.add_text("completions", event_markdown(event), event["step"])
+            self.tb.flush()
 
     def rows(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]

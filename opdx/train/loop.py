@@ -148,11 +148,12 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
 
 
 def evaluate_and_log(t: Trainer, logger: Logger, step: int) -> None:
-    """One held-out evaluation: its metrics record, its sample completions, and the warning when the held-out
-    reverse KL has risen at two evals in a row."""
-    record, samples = eval_record(t, step)
+    """One held-out evaluation: its metrics record, its completions log (log.completions), and the warning when the
+    held-out reverse KL has risen at two evals in a row."""
+    record, completions = eval_record(t, step)
     logger.log(record)
-    logger.log_samples(samples)
+    if completions is not None:
+        logger.log_completions(completions)
     if rank() == 0:
         history = [r["eval_reverse_kl"] for r in logger.rows() if "eval_reverse_kl" in r]
         rise = kl_rise_warning(history, at_end=True)
