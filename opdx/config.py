@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opdx.config_checks import OPTIM_IMPLS, SECTION_RULES
-
-
-class ConfigError(ValueError):
-    """Bad configuration or input; the trainer prints it as one line and exits nonzero before heavy work."""
+from opdx.config_log import LogConfig
+from opdx.errors import ConfigError
 
 
 @dataclass
@@ -181,6 +179,9 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature of the student's eval samples
     seed: int = 1234  # sampling seed of the eval (the same samples at every eval)
     task: bool = True  # greedy task accuracy on the eval records that have an "answer" (opdx.data_eval)
+    # scorers of those greedy completions, logged as eval_<name> (opdx.eval_metrics): exact_match (logged as
+    # eval_task_accuracy) | regex:<pattern with a capture group> | python:module:function; [name=]spec names one
+    metrics: list = field(default_factory=lambda: ["exact_match"])
     at_start: bool = True  # evaluate the initial student at step 0
 
 
@@ -189,14 +190,6 @@ class SaveConfig:
     every: int = 0  # 0 = no intermediate checkpoints
     keep: int = 2  # newest complete checkpoints kept
     final: bool = True  # save_pretrained to output_dir/final
-
-
-@dataclass
-class LogConfig:
-    progress: bool = True  # tqdm progress bar on rank 0
-    tensorboard: bool = True  # TensorBoard events under output_dir/tb
-    plot: bool = True  # end of run: opdx.report curves + report.md under output_dir/report/
-    per_rank_sources: bool = False  # each rank writes its per-step source draw to sources_rank{r}.jsonl
 
 
 @dataclass
@@ -315,10 +308,12 @@ def _coerce(key: str, typ, value: Any) -> Any:
             if isinstance(value, str):
                 import yaml
 
-                parsed = yaml.safe_load(value) if value.strip().startswith("[") else [
-                    v.strip() for v in value.split(",") if v.strip()
-                ]
-                value = parsed
+                try:
+                    value = yaml.safe_load(value) if value.strip().startswith("[") else [
+                        v.strip() for v in value.split(",") if v.strip()]
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"{key}: {value!r} is not a YAML list ({str(exc).splitlines()[0]}); quote "
+                                      "items with backslashes in single quotes: ['a\\d']") from None
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             return list(value)
@@ -330,15 +325,15 @@ def _coerce(key: str, typ, value: Any) -> Any:
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    parts = key.split(".")
-    if len(parts) != 2:
+    """Sets ``section.key`` (or ``section.sub.key`` in a nested section) to ``value`` coerced to the field's type."""
+    *path, name = key.split(".")
+    sub = cfg
+    for part in path:
+        sub = getattr(sub, part, None) if dataclasses.is_dataclass(sub) else None
+    if not path or not dataclasses.is_dataclass(sub) or name not in {f.name for f in dataclasses.fields(sub)}:
         raise _unknown(key)
-    section, name = parts
-    if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
-        raise _unknown(key)
-    sub = getattr(cfg, section)
-    if name not in {f.name for f in dataclasses.fields(sub)}:
-        raise _unknown(key)
+    if dataclasses.is_dataclass(getattr(sub, name)):
+        raise ConfigError(f"{key} is a section: set its keys, e.g. {all_keys(getattr(sub, name), key + '.')[0]}=...")
     coerced = _coerce(key, _field_type(sub, name), value)
     if key in _LOWERCASE:  # YAML reads `true` as a bool: accept True/true/TRUE for the string choices
         coerced = coerced.lower()

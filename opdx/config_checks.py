@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from opdx.errors import ConfigError
+from opdx.eval_metrics import parse_metric_specs
+
 Rules = Iterator[tuple[bool, str]]
 OPTIM_IMPLS = ("auto", "fused", "foreach", "deepspeed")  # optim.impl (opdx.train.optimizer.resolve_optimizer_impl)
 
@@ -187,10 +190,30 @@ def training_rules(cfg) -> Rules:
            f"eval.max_new_tokens must be >= 1, or 0 for rollout.max_new_tokens, got {cfg.eval.max_new_tokens}")
 
 
+def _metrics_error(specs) -> str | None:
+    try:
+        parse_metric_specs(specs)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def eval_log_rules(cfg) -> Rules:
+    """eval.metrics (each spec parses, python callables import) and log.completions."""
+    error = _metrics_error(cfg.eval.metrics)
+    yield error is None, error
+    comp = cfg.log.completions
+    yield (comp.every >= 0,
+           f"log.completions.every must be >= 0 (log at the evals whose step is a multiple of it; 0 = at every eval), "
+           f"got {comp.every}")
+    yield (comp.num >= 0,
+           f"log.completions.num must be >= 0 (held-out prompts whose completions are logged; 0 = off), got {comp.num}")
+
+
 # in the order the checks run: the values of one section first, then the combinations that involve others
-SECTION_RULES = (loss_rules, cross_tokenizer_rules, teacher_mix_rules, rollout_rules, training_rules, model_rules,
-                 teacher_rules)
+SECTION_RULES = (loss_rules, cross_tokenizer_rules, teacher_mix_rules, rollout_rules, training_rules, eval_log_rules,
+                 model_rules, teacher_rules)
 
 __all__ = ["CROSS_TOKENIZER_KINDS", "FULL_LOGITS_KINDS", "OPTIM_IMPLS", "SECTION_RULES", "cross_tokenizer_rules",
-           "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules", "rollout_rules",
-           "teacher_mix_rules", "teacher_rules", "training_rules"]
+           "eval_log_rules", "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules",
+           "rollout_rules", "teacher_mix_rules", "teacher_rules", "training_rules"]

@@ -1,4 +1,4 @@
-"""The configuration reference: every key with its type, default and meaning, generated from the dataclasses in
+"""The configuration reference: every key with its type, default and meaning, generated from the dataclasses of
 `opdx.config` (the meanings are their comments: the comment lines right above a field and the one after it).
 
     python -m opdx.config_reference                          # print the reference (markdown)
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import inspect
 import io
 import sys
 import tokenize
@@ -69,26 +70,41 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def class_meanings(cls) -> dict[str, str]:
+    """{field name: meaning} of a config dataclass, from the comments in the module that defines it."""
+    return field_meanings(Path(inspect.getsourcefile(cls)).read_text(encoding="utf-8")).get(cls.__name__, {})
+
+
+def _doc(cls) -> list[str]:
+    return [inspect.cleandoc(cls.__doc__), ""] if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}(") else []
+
+
+def _rows(prefix: str, sub) -> tuple[list[str], list]:
+    """(this section's table rows, its nested sections as (prefix, dataclass) pairs)."""
+    meanings, rows, nested = class_meanings(type(sub)), [], []
+    for f in dataclasses.fields(sub):
+        key, value = f"{prefix}.{f.name}", getattr(sub, f.name)
+        if dataclasses.is_dataclass(value):
+            nested.append((key, value))
+            continue
+        kind = " \\| ".join(_default(c) for c in config.CHOICES[key]) if key in config.CHOICES else f.type
+        rows.append(f"| `{key}` | {kind} | {_default(value)} | {_cell(meanings.get(f.name, ''))} |")
+    return rows, nested
+
+
 def reference() -> str:
-    """The markdown reference: one table per section, in the order of `opdx.config.Config`."""
-    meanings = field_meanings(Path(config.__file__).read_text(encoding="utf-8"))
-    defaults = config.Config()
-    md = ["Every key is a YAML `section: {key: value}` entry or a dotted override (`section.key=value`); an unknown "
-          "key is an error naming the closest valid one. Where the type is a list of choices, those are the only "
-          "values the key accepts.", ""]
-    for section in dataclasses.fields(config.Config):
-        sub = getattr(defaults, section.name)
-        cls = type(sub)
-        md += [f"### `{section.name}`", ""]
-        if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("):
-            md += [cls.__doc__.strip(), ""]
-        md += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        for f in dataclasses.fields(sub):
-            key = f"{section.name}.{f.name}"
-            meaning = meanings.get(cls.__name__, {}).get(f.name, "")
-            kind = " \\| ".join(_default(c) for c in config.CHOICES[key]) if key in config.CHOICES else f.type
-            md.append(f"| `{key}` | {kind} | {_default(getattr(sub, f.name))} | {_cell(meaning)} |")
-        md.append("")
+    """The markdown reference: one table per section, in the order of `opdx.config.Config`, each nested section
+    (``log.completions``) right after its parent."""
+    md = ["Every key is a YAML `section: {key: value}` entry or a dotted override (`section.key=value`, "
+          "`section.sub.key=value` in a nested section); an unknown key is an error naming the closest valid one. "
+          "Where the type is a list of choices, those are the only values the key accepts.", ""]
+    todo = [(f.name, getattr(config.Config(), f.name)) for f in dataclasses.fields(config.Config)]
+    while todo:
+        prefix, sub = todo.pop(0)
+        rows, nested = _rows(prefix, sub)
+        md += [f"### `{prefix}`", "", *_doc(type(sub)), "| key | type | default | meaning |", "|---|---|---|---|",
+               *rows, ""]
+        todo[:0] = nested
     return "\n".join(md)
 
 

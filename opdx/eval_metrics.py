@@ -6,10 +6,11 @@
     python:module:function   a user callable ``function(prompt, completion, record) -> float``
 
 A scorer is called as ``metric(prompt, completion, record)`` and returns a float; records whose ``answer`` is
-missing or null score NaN for exact_match / regex (not checkable) and are left out by `mean_scores`. The trainer
-logs ``metric.name`` as ``eval_<name>``: ``exact_match``, ``regex_<k>`` (k = position of the spec in the list)
-unless the spec names itself ``name=regex:...``, and ``<function>`` for python specs (``name=python:...``
-overrides). Names must be unique within a list.
+missing, null or empty score NaN for exact_match / regex (not checkable) and are left out by `score_sums` and
+`mean_scores`. The trainer logs a metric as ``eval_<metric.key>`` (and the teacher's as ``eval_teacher_<key>``): the
+key is its name, ``regex_<k>`` (k = position of the spec in the list) unless the spec names itself
+``name=regex:...``, ``<function>`` for python specs (``name=python:...`` overrides), except that the metric named
+``exact_match`` keeps its historic key ``task_accuracy``. Names must be unique within a list.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from opdx.config import ConfigError
+from opdx.errors import ConfigError
 from opdx.data_eval import score_answer
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -29,16 +30,30 @@ KINDS = ("exact_match", "regex:<pattern>", "python:module:function")
 
 @dataclass(frozen=True)
 class Metric:
-    name: str  # logged as eval_<name>
+    name: str
     spec: str
     score_fn: Callable[[str, str, dict], float]
+    needs_answer: bool = True  # scores only records with an "answer" (exact_match, regex); python: every record
+
+    @property
+    def key(self) -> str:
+        """The metric's log key after ``eval_`` (``eval_teacher_``)."""
+        return _HISTORIC_KEYS.get(self.name, self.name)
 
     def __call__(self, prompt: str, completion: str, record: dict) -> float:
-        return float(self.score_fn(prompt, completion, record))
+        try:
+            return float(self.score_fn(prompt, completion, record))
+        except Exception as exc:  # a user callable's bug: name the spec and the record it failed on
+            raise ValueError(f"eval.metrics: {self.spec!r} failed on the record {record!r:.200}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+
+_HISTORIC_KEYS = {"exact_match": "task_accuracy"}  # eval_task_accuracy predates eval.metrics
 
 
 def _answer(record: dict):
-    return record.get("answer") if isinstance(record, dict) else None
+    answer = record.get("answer") if isinstance(record, dict) else None
+    return None if answer == "" else answer
 
 
 def _exact_match(prompt: str, completion: str, record: dict) -> float:
@@ -103,7 +118,7 @@ def parse_metric_spec(spec: str, position: int = 0) -> Metric:
         return Metric(name or f"regex_{position}", spec, _regex_metric(rest, spec))
     if kind == "python":
         func_name, fn = _python_metric(rest, spec)
-        return Metric(name or func_name, spec, fn)
+        return Metric(name or func_name, spec, fn, needs_answer=False)
     raise ConfigError(f"eval.metrics: unknown metric spec {spec!r}; use one of {', '.join(KINDS)} "
                       "(optionally prefixed by name=)")
 
@@ -120,18 +135,26 @@ def parse_metric_specs(specs: Sequence[str]) -> list[Metric]:
     return metrics
 
 
-def mean_scores(metrics: Iterable[Metric], prompts: Sequence[str], completions: Sequence[str],
-                records: Sequence[dict]) -> dict[str, float]:
-    """{"eval_<name>": mean score over the records where the metric is defined (NaN scores left out)}."""
+def score_sums(metrics: Sequence[Metric], prompts: Sequence[str], completions: Sequence[str],
+               records: Sequence[dict]) -> list[float]:
+    """[score sum, scored count] per metric, in order, over the records where it is defined (NaN scores left out):
+    the sums the trainer adds up over ranks before dividing."""
     if not len(prompts) == len(completions) == len(records):
         raise ValueError(f"need one completion and one record per prompt, got {len(prompts)} prompts, "
                          f"{len(completions)} completions, {len(records)} records")
-    out = {}
+    out = []
     for m in metrics:
-        vals = [m(p, c, r) for p, c, r in zip(prompts, completions, records)]
-        vals = [v for v in vals if not math.isnan(v)]
-        out[f"eval_{m.name}"] = sum(vals) / len(vals) if vals else math.nan
+        vals = [v for v in (m(p, c, r) for p, c, r in zip(prompts, completions, records)) if not math.isnan(v)]
+        out += [float(sum(vals)), float(len(vals))]
     return out
 
 
-__all__ = ["Metric", "parse_metric_spec", "parse_metric_specs", "mean_scores"]
+def mean_scores(metrics: Sequence[Metric], prompts: Sequence[str], completions: Sequence[str],
+                records: Sequence[dict]) -> dict[str, float]:
+    """{"eval_<key>": mean score over the records where the metric is defined}, NaN where none is."""
+    sums = score_sums(metrics, prompts, completions, records)
+    return {f"eval_{m.key}": sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else math.nan
+            for i, m in enumerate(metrics)}
+
+
+__all__ = ["Metric", "parse_metric_spec", "parse_metric_specs", "mean_scores", "score_sums"]

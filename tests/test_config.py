@@ -142,3 +142,38 @@ def test_opd_is_and_generation_length_errors(override, fragment):
 def test_opd_is_and_generation_length_edges_are_valid():
     cfg = load_config(None, ["loss.kl_coef=0", "loss.discount=1", "eval.max_new_tokens=0", "rollout.max_new_tokens=1"])
     assert cfg.loss.kl_coef == 0.0 and cfg.loss.discount == 1.0 and cfg.eval.max_new_tokens == 0
+
+
+def test_nested_section_from_yaml_and_dotted_overrides(tmp_path):
+    """log.completions is a section inside log: YAML nesting and three-part dotted keys both reach it."""
+    p = tmp_path / "c.yaml"
+    p.write_text("log:\n  progress: false\n  completions:\n    every: 10\n    num: 2\n"
+                 "eval:\n  metrics: [exact_match, 'five=regex:is (\\d+)']\n")
+    cfg = load_config(str(p))
+    assert (cfg.log.progress, cfg.log.completions.every, cfg.log.completions.num) == (False, 10, 2)
+    assert cfg.eval.metrics == ["exact_match", r"five=regex:is (\d+)"]
+    cfg = load_config(str(p), ["log.completions.num=5", "eval.metrics=[exact_match]"])
+    assert (cfg.log.completions.every, cfg.log.completions.num, cfg.eval.metrics) == (10, 5, ["exact_match"])
+    assert "log.completions.num" in all_keys() and cfg.to_dict()["log"]["completions"] == {"every": 10, "num": 5}
+    defaults = load_config()
+    assert (defaults.log.completions.every, defaults.log.completions.num) == (0, 3)
+    assert defaults.eval.metrics == ["exact_match"]
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("log.completions.num=-1", "log.completions.num must be >= 0"),
+    ("log.completions.every=-3", "log.completions.every must be >= 0"),
+    ("log.completions.num=two", "log.completions.num must be of type int"),
+    ("log.completions=3", "log.completions is a section: set its keys, e.g. log.completions.every="),
+    ("log.completion.num=3", "did you mean 'log.completions.num'"),
+    ("log.completions.num.x=3", "unknown config key 'log.completions.num.x'"),
+    ("eval.metrics=[bogus]", "eval.metrics: unknown metric spec 'bogus'"),
+    ("eval.metrics=['regex:no group']", "has no capture group"),
+    ("eval.metrics=[python:opdx_no_such_module:f]", "cannot import module 'opdx_no_such_module'"),
+    ("eval.metrics=[exact_match, exact_match]", "duplicate metric name"),
+    ('eval.metrics=["a\\d"]', "is not a YAML list"),
+])
+def test_bad_completions_and_metrics_values(override, fragment):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert fragment in str(exc.value)

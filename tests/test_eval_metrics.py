@@ -17,6 +17,9 @@ def user_module(tmp_path, monkeypatch):
             return len(completion) / len(prompt)
 
         NOT_CALLABLE = 3
+
+        def needs_tests(prompt, completion, record):
+            return record["tests"]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "opdx_test_user_metrics"
@@ -59,7 +62,7 @@ def test_mean_scores_skips_uncheckable(user_module):
     completions = ["2", "x = 5", "hi"]
     records = [{"answer": "2"}, {"answer": "4"}, {"answer": None}]
     scores = mean_scores(metrics, prompts, completions, records)
-    assert scores["eval_exact_match"] == pytest.approx(0.5)  # 1 of the 2 checkable
+    assert scores["eval_task_accuracy"] == pytest.approx(0.5)  # 1 of the 2 checkable (exact_match's historic key)
     assert scores["eval_regex_1"] == pytest.approx(0.0)  # "2" has no "= n"; "= 5" != 4
     assert scores["eval_length_ratio"] == pytest.approx((1 / 3 + 5 / 3 + 2 / 6) / 3)
     with pytest.raises(ValueError, match="one completion and one record per prompt"):
@@ -90,3 +93,25 @@ def test_bad_spec_lists(user_module):
         parse_metric_specs(["exact_match", "exact_match"])
     with pytest.raises(ConfigError, match="must be a list"):
         parse_metric_specs("exact_match")
+
+
+def test_score_sums_keys_and_records_scored(user_module):
+    """The sums the trainer all-reduces: [sum, count] per metric; exact_match keeps the eval_task_accuracy key; an
+    empty answer is not checkable; a python metric scores every record (needs_answer False)."""
+    from opdx.eval_metrics import score_sums
+
+    metrics = parse_metric_specs(["exact_match", f"r=python:{user_module}:length_ratio"])
+    assert [m.key for m in metrics] == ["task_accuracy", "r"] and [m.needs_answer for m in metrics] == [True, False]
+    assert parse_metric_spec("em=exact_match").key == "em"
+    sums = score_sums(metrics, ["ab", "abcd", "xy"], ["7", "no", "xy"], [{"answer": "7"}, {"answer": ""}, {}])
+    assert sums == pytest.approx([1.0, 1.0, 0.5 + 0.5 + 1.0, 3.0])
+
+
+def test_failing_callable_names_the_spec_and_record(user_module):
+    m = parse_metric_spec(f"python:{user_module}:needs_tests")
+    assert m("q", "c", {"tests": 0.25}) == 0.25
+    with pytest.raises(ValueError, match=r"eval.metrics: 'python:.*:needs_tests' failed on the record \{'answer': '7'\}: "
+                                         r"KeyError: 'tests'"):
+        m("q", "c", {"answer": "7"})
+    with pytest.raises(ValueError, match="failed on the record.*could not convert"):
+        m("q", "c", {"tests": "not a number"})

@@ -168,15 +168,22 @@ def test_eval_greedy_quality_metrics_and_teacher_reference(models):
 
     tok, vocab = models["tok"], models["vocab"]
     eos = [tok.eos_token_id]
-    cfg = load_config(TINY, ["eval.num_prompts=4", "eval.batch_size=3", "rollout.max_new_tokens=6"])
+    cfg = load_config(TINY, ["eval.num_prompts=4", "eval.batch_size=3", "rollout.max_new_tokens=6",
+                             "log.completions.num=4"])
     rollout = HFRollout(models["student"], eos_ids=eos, pad_id=eos[0], max_new_tokens=6, vocab_size=vocab)
     prompts = [tok("one two three " * (i + 1))["input_ids"] for i in range(4)]
     teacher = LocalTeacher(models["teacher"])
-    seen = []
+    traced = []
     out = evaluate(cfg, rollout, teacher, models["student"], prompts, vocab=vocab, pad_id=eos[0],
-                   device=torch.device("cpu"), tokenizer=tok, eos_ids=eos, completions_out=seen)
+                   device=torch.device("cpu"), tokenizer=tok, eos_ids=eos, samples_out=traced)
+    # the completions log reuses the eval's own scoring of its samples (both batches): its per-token student -
+    # teacher logprobs average to eval_reverse_kl, its lengths to eval_sample_response_len
+    assert len(traced) == 4
+    assert all(len(r["ids"]) == len(r["student_logprobs"]) == len(r["teacher_logprobs"]) > 0 for r in traced)
+    diffs = [s - t for r in traced for s, t in zip(r["student_logprobs"], r["teacher_logprobs"])]
+    assert sum(diffs) / len(diffs) == pytest.approx(out["eval_reverse_kl"], rel=1e-5, abs=1e-6)
+    assert sum(len(r["ids"]) for r in traced) / 4 == pytest.approx(out["eval_sample_response_len"])
     greedy = rollout.generate(prompts, seed=0, temperature=0.0).completions()
-    assert seen == greedy
     want = completion_stats(greedy, eos)
     assert out["eval_response_len"] == pytest.approx(want["response_len"])
     assert out["eval_stop_rate"] == pytest.approx(want["stop_rate"])

@@ -339,24 +339,49 @@ def test_kl_rise_warning(values, anywhere, at_end):
         assert "rose at 2 evals in a row" in msg and "optim.lr" in msg and "loss.is_clip" in msg
 
 
-def test_report_warns_on_rising_eval_kl_and_shows_samples(tmp_path):
+def _completion(step: int) -> dict:
+    """A logged completion whose student says "student says <step>."; the tokens " says" and "." disagree most."""
+    tokens = ["student", " says", f" {step}", ".", "\n|*"]
+    s_logp = [-0.1, -0.2, -0.3, -0.4, -0.5]
+    t_logp = [-0.2, -6.0, -0.3, -3.4, -1.5]
+    return {"prompt": f"p{step}", "student": "".join(tokens), "teacher": "t says", "tokens": tokens,
+            "token_ids": list(range(5)), "student_logprobs": s_logp, "teacher_logprobs": t_logp,
+            "logprob_diff": [round(a - b, 4) for a, b in zip(s_logp, t_logp)]}
+
+
+def test_report_warns_on_rising_eval_kl_and_shows_completions(tmp_path):
     rows = [_train_row(s) for s in range(1, 7)]
     evals = [{"step": s, "eval_reverse_kl": v} for s, v in ((0, 3.0), (2, 1.0), (4, 1.5), (6, 2.0))]
     d = _write(tmp_path / "run", sorted(rows + evals, key=lambda r: r["step"]))
-    samples = [{"step": s, "samples": [{"prompt": f"p{s}", "student": f"student says {s}", "teacher": "t"}]}
-               for s in (0, 2, 4, 6)]
-    (d / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    events = [{"step": s, "completions": [_completion(s)]} for s in (0, 2, 4, 6)]
+    (d / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in events))
     res = write_report(d)
     text = res["report"].read_text()
     assert any("rose at 2 evals in a row" in w for w in res["warnings"])
     assert "rose at 2 evals in a row (1 -> 1.5 -> 2)" in text
-    assert "## Sample completions" in text
+    assert "## Completions" in text
     assert "### Step 0" in text and "### Step 6" in text and "### Step 2" not in text
-    assert "`student says 6`" in text and "`student says 4`" not in text
+    # the 3 largest |student - teacher| tokens in bold (spaces outside the **, adjacent ones in one run), the rest
+    # plain, markdown escaped
+    assert "| student (sample) | student **says** 6**.⏎\\|\\*** |" in text
+    assert "| teacher (greedy) | t says |" in text
+    assert "“ says” -0.20 vs -6.00 (+5.80); “.” -0.40 vs -3.40 (+3.00)" in text
+    assert " 4**" not in text and "student **says** 4" not in text
 
 
-def test_report_without_samples_or_rise(tmp_path):
+def test_completions_markdown_without_teacher_logprobs():
+    from opdx.report.completions import completion_markdown, disagreements
+
+    c = {**_completion(3), "teacher": None, "teacher_logprobs": None, "logprob_diff": None}
+    assert disagreements(c) == []
+    md = "\n".join(completion_markdown(c))
+    assert "**" not in md.split("| student (sample) |")[1].split("\n")[0]
+    assert "(not generated)" in md and "Largest disagreements" not in md
+    assert disagreements(_completion(3), top=1) == [1]
+
+
+def test_report_without_completions_or_rise(tmp_path):
     d = _write(tmp_path / "run", _run_rows(10))
     res = write_report(d)
-    assert "## Sample completions" not in res["report"].read_text()
+    assert "## Completions" not in res["report"].read_text()
     assert not any("rose at" in w for w in res["warnings"])

@@ -70,9 +70,12 @@ def check_run(out, steps):
     ev = [r for r in rows if "eval_reverse_kl" in r]
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     for r in train:
-        for k in ("step", "loss", "reverse_kl", "tokens_per_s", "time_rollout_s", "time_teacher_s", "time_train_s",
+        for k in ("step", "loss", "tokens_per_s", "time_rollout_s", "time_teacher_s", "time_train_s",
                   "response_len", "source"):
             assert k in r, k
+        # reverse KL on the student's own samples; a log-ratio on teacher / dataset sequences (no KL estimate)
+        assert ("reverse_kl" in r) == ("student" in r["source"].split(",")), r
+        assert ("teacher_logratio" in r) == (set(r["source"].split(",")) != {"student"}), r
         assert all(isinstance(r[k], (int, float)) and r[k] == r[k] for k in r if k != "source")
     assert ev and ev[0]["step"] == 0 and ev[-1]["step"] == steps
     report = Path(out) / "report"  # the end-of-run opdx.report
@@ -102,6 +105,41 @@ def test_opd_zero0_lambda_draw_identical_across_ranks(tiny, tmp_path):
     r1 = (out / "sources_rank1.jsonl").read_text().splitlines()
     assert len(r0) == 12 and r0 == r1
     assert {json.loads(x)["source"] for x in r0} == {"student", "teacher"}
+
+
+def test_completions_log_and_eval_metrics(tiny, tmp_path):
+    """log.completions.every=2: completions.jsonl at the evals of steps 0 and 2 (not 1), per-token fields of equal
+    lengths from the eval's samples, the report's bold tokens; eval.metrics logged per spec, averaged over ranks."""
+    (tmp_path / "opdx_train_metric.py").write_text(
+        "def answer_tenth(prompt, completion, record):\n"
+        "    return float(record['answer']) / 10 if record['prompt'] == prompt else -100.0\n")
+    out = tmp_path / "completions"
+    torchrun(tiny, out, "train.max_steps=2", "eval.every=1", "log.completions.every=2", "log.completions.num=2",
+             "eval.metrics=[exact_match, 'digit=regex:(\\d)', python:opdx_train_metric:answer_tenth]",
+             "save.every=0", env_extra={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    _, ev = check_run(out, 2)
+    answers = [int(json.loads(ln)["answer"]) for ln in Path(tiny["eval"]).read_text().splitlines()]
+    for r in ev:  # the callable scores every eval record (8, 4 per rank), exact_match / regex those with an answer
+        assert r["eval_answer_tenth"] == pytest.approx(sum(answers) / len(answers) / 10)
+        assert 0.0 <= r["eval_digit"] <= 1.0 and 0.0 <= r["eval_task_accuracy"] <= 1.0
+        assert "eval_teacher_answer_tenth" in r and "eval_exact_match" not in r
+    events = [json.loads(ln) for ln in (out / "completions.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events] == [0, 2]
+    for e in events:
+        assert len(e["completions"]) == 2
+        for c in e["completions"]:
+            n = len(c["tokens"])
+            assert n > 0 and c["prompt"] and c["teacher"] is not None
+            assert len(c["token_ids"]) == len(c["student_logprobs"]) == len(c["teacher_logprobs"]) == n
+            assert c["logprob_diff"] == pytest.approx([s - t for s, t in zip(c["student_logprobs"],
+                                                                             c["teacher_logprobs"])], abs=2e-4)
+            assert all(lp <= 0 for lp in c["student_logprobs"] + c["teacher_logprobs"])
+    # the same prompts and the same teacher answer at every event; the student's samples move with training
+    assert [c["prompt"] for c in events[0]["completions"]] == [c["prompt"] for c in events[1]["completions"]]
+    assert [c["teacher"] for c in events[0]["completions"]] == [c["teacher"] for c in events[1]["completions"]]
+    text = (out / "report" / "report.md").read_text()
+    assert "## Completions" in text and "### Step 0" in text and "### Step 2" in text
+    assert text.count("| student (sample) |") == 4 and "**" in text.split("## Completions")[1]
 
 
 def test_opd_zero3_teacher_zero3(tiny, tmp_path):
@@ -147,7 +185,10 @@ def _same_run(a, b, *, rel):
     ta, tb = [r for r in metrics(a) if "loss" in r], [r for r in metrics(b) if "loss" in r]
     assert [r["step"] for r in ta] == [r["step"] for r in tb] and ta
     for x, y in zip(ta, tb):
-        for k in ("loss", "reverse_kl", "reverse_kl_k3", "tokens"):
+        assert set(x) == set(y), (x["step"], sorted(set(x) ^ set(y)))
+        for k in ("loss", "reverse_kl", "reverse_kl_k3", "teacher_logratio", "tokens"):
+            if k not in x:
+                continue
             assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-7), (x["step"], k, x[k], y[k])
     for sub in ("", "adapter") if (Path(a) / "final" / "adapter").is_dir() else ("",):
         wa, wb = _final_weights(a, sub), _final_weights(b, sub)
@@ -313,8 +354,12 @@ def _finite_run(out, steps):
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     for r in train:
-        for k in ("loss", "reverse_kl", "reverse_kl_k3"):
+        # the reverse-KL estimates exist on the student's own samples only; other sources log teacher_logratio
+        keys = ("loss",) + (("reverse_kl", "reverse_kl_k3") if "student" in r["source"] else ()) + \
+            (("teacher_logratio",) if r["source"] != "student" else ())
+        for k in keys:
             assert isinstance(r[k], float) and math.isfinite(r[k]), (r["step"], k, r[k])
+        assert ("reverse_kl" in r) == ("student" in r["source"]), r
     assert any(r["loss"] != 0.0 for r in train)
     ev = [r for r in rows if "eval_reverse_kl" in r]
     assert ev and all(math.isfinite(r["eval_reverse_kl"]) for r in ev)

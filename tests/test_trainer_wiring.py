@@ -240,15 +240,29 @@ def test_sft_kind_is_cross_entropy_of_the_targets(models, fresh_seed):
     assert st["n"] == int(batch.loss_mask.sum())
 
 
-def test_evaluate_top1_agreement_and_task_accuracy(models):
+@pytest.fixture
+def user_metric(tmp_path, monkeypatch):
+    """A python:module:function eval metric: the share of the completion's ids that are even, times record["w"]."""
+    (tmp_path / "opdx_wiring_metric.py").write_text(
+        "def even_share(prompt, completion, record):\n"
+        "    ids = [int(x) for x in completion.split()]\n"
+        "    return record['w'] * sum(i % 2 == 0 for i in ids) / len(ids)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "python:opdx_wiring_metric:even_share"
+    sys.modules.pop("opdx_wiring_metric", None)
+
+
+def test_evaluate_top1_agreement_and_task_accuracy(models, user_metric):
     from opdx.rollout.hf import HFRollout
     from opdx.teacher.local import LocalTeacher
     from opdx.models import aligned_vocab_size
+    from opdx.data_eval import score_answer
     from opdx.train.evaluate import evaluate
 
     tok, student = models["tok"], models["student"]
     vocab = aligned_vocab_size(tok, student, models["teacher"])
-    cfg = load_config(TINY, ["eval.num_prompts=4", "eval.batch_size=3", "rollout.max_new_tokens=6"])
+    cfg = load_config(TINY, ["eval.num_prompts=4", "eval.batch_size=3", "rollout.max_new_tokens=6",
+                             f"eval.metrics=[exact_match, 'first=regex:^(\\d+)', '{user_metric}']"])
     rollout = HFRollout(student, eos_ids=[tok.eos_token_id], pad_id=tok.eos_token_id, max_new_tokens=6,
                         vocab_size=vocab)
     prompts = [tok("hello world " * (i + 1))["input_ids"] for i in range(5)]
@@ -261,13 +275,21 @@ def test_evaluate_top1_agreement_and_task_accuracy(models):
     greedy = rollout.generate(prompts[:2], seed=0, temperature=0.0).completions()
     answers = [IdsText.decode(ids) for ids in greedy]
     assert all(answers)
-    task = [(prompts[0], answers[0]), (prompts[1], answers[1]), (prompts[2], "definitely not generated 123")]
-    # the student scored by itself: agreement 1, reverse KL 0; 2 of the 3 checkable prompts answered
+    first_id = answers[1].split()[0]
+    records = [{"answer": answers[0], "w": 1.0}, {"answer": first_id, "w": 0.5}, {"answer": None, "w": 2.0}]
+    task = [(p, f"prompt {i}", r) for i, (p, r) in enumerate(zip(prompts, records))]
+    # the student scored by itself: agreement 1, reverse KL 0; exact_match (eval_task_accuracy) and the regex (the
+    # first id) over the 2 checkable records; the callable over every record, the third without an answer too
     out = evaluate(cfg, rollout, LocalTeacher(student), student, prompts, vocab=vocab, pad_id=tok.eos_token_id,
                    device=torch.device("cpu"), task=task, tokenizer=IdsText)
     assert out["eval_top1_agreement"] == 1.0
     assert abs(out["eval_reverse_kl"]) < 1e-5
-    assert out["eval_task_accuracy"] == pytest.approx(2 / 3)
+    assert out["eval_task_accuracy"] == pytest.approx((1 + score_answer(answers[1], first_id)) / 2)
+    assert "eval_exact_match" not in out
+    assert out["eval_first"] == pytest.approx((score_answer(answers[0].split()[0], answers[0]) + 1) / 2)
+    third = rollout.generate(prompts[2:3], seed=0, temperature=0.0).completions()[0]
+    even = [sum(i % 2 == 0 for i in ids) / len(ids) for ids in (*greedy, third)]
+    assert out["eval_even_share"] == pytest.approx((even[0] + 0.5 * even[1] + 2.0 * even[2]) / 3)
     other = evaluate(cfg, rollout, LocalTeacher(models["teacher"]), student, prompts, vocab=vocab,
                      pad_id=tok.eos_token_id, device=torch.device("cpu"))
     assert 0.0 <= other["eval_top1_agreement"] < 1.0 and other["eval_reverse_kl"] > 0.01

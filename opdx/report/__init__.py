@@ -1,12 +1,13 @@
 """Curves and a markdown summary of a training run: ``python -m opdx.report <output_dir> [--out DIR]``.
 
 Reads ``<output_dir>/metrics.jsonl`` (written by ``opdx.train``: one training record per step, eval records whose
-metric keys start with ``eval_``) and, when present, ``config.json`` and ``summary.json``; writes PNG curves and
-``report.md`` to ``<output_dir>/report/`` (or ``--out``). Only ``step`` is required in a record: every other key is
-optional and any numeric key the plots do not know gets a panel of its own. A resumed run that logged a step twice
-is read as the last occurrence of that step.
+metric keys start with ``eval_``) and, when present, ``config.json``, ``summary.json`` and ``completions.jsonl``;
+writes PNG curves and ``report.md`` to ``<output_dir>/report/`` (or ``--out``). Only ``step`` is required in a
+record: every other key is optional and any numeric key the plots do not know gets a panel of its own. A resumed run
+that logged a step twice is read as the last occurrence of that step.
 
-``metrics.py`` reads the file, ``plots.py`` draws the figures, ``markdown.py`` writes report.md.
+``metrics.py`` reads the file, ``plots.py`` draws the figures, ``completions.py`` renders the completions log,
+``markdown.py`` writes report.md.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from opdx.report.completions import load_completions
 from opdx.report.markdown import markdown
-from opdx.report.metrics import ReportError, kl_rise_warning, load_metrics, load_samples, read_json
+from opdx.report.metrics import ReportError, kl_rise_warning, load_metrics, read_json
 from opdx.report.plots import write_figures
 
 __all__ = ["ReportError", "load_metrics", "write_report", "main"]
@@ -44,8 +46,8 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, *, s
     if rise:
         warnings.append(rise)
     figures = write_figures(d, out)
-    samples = load_samples(output_dir / "eval_samples.jsonl")
-    text, stats = markdown(d, cfg, summary, figures, out, metrics_path, warnings, samples=samples)
+    completions = load_completions(output_dir / "completions.jsonl")
+    text, stats = markdown(d, cfg, summary, figures, out, metrics_path, warnings, completions=completions)
     report = out / "report.md"
     report.write_text(text, encoding="utf-8")
     return {"report": report, "plot": figures["overview"], "figures": figures, "stats": stats, "warnings": warnings}

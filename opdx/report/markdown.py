@@ -1,10 +1,12 @@
-"""report.md: run settings, wall time, the held-out eval table, training statistics, phase shares, figures."""
+"""report.md: run settings, wall time, the held-out eval table, training statistics, phase shares, the completions
+log, figures."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+from opdx.report.completions import TOP_DISAGREE, event_markdown
 from opdx.report.metrics import CORE_TRAIN, finite, is_num, numeric_keys, phase_table
 from opdx.report.plots import TEACHER_TOKENS
 
@@ -198,29 +200,20 @@ def _figures_section(figures: dict[str, Path], out: Path) -> list[str]:
     return md
 
 
-def _samples_section(samples: list[dict]) -> list[str]:
-    """The eval sample completions (prompt, student, teacher) at the first and the last eval."""
-    if not samples:
+def _completions_section(events: list[dict]) -> list[str]:
+    """The completions log (opdx.report.completions) at the first and the last logged eval."""
+    if not events:
         return []
-    md = ["## Sample completions (greedy)", ""]
-    picks = [samples[0]] if len(samples) == 1 else [samples[0], samples[-1]]
-    for rec in picks:
-        md += [f"### Step {rec.get('step')}", ""]
-        for s in rec.get("samples", []):
-            md += [f"- **prompt**: {_quote(s.get('prompt'))}", f"  - student: {_quote(s.get('student'))}"]
-            if s.get("teacher") is not None:
-                md.append(f"  - teacher: {_quote(s.get('teacher'))}")
-        md.append("")
+    md = ["## Completions", "", f"The student's samples of the first held-out prompts; in **bold** the "
+          f"{TOP_DISAGREE} tokens per completion where the student's and the teacher's log probabilities differ most "
+          "(`completions.jsonl` holds every token's).", ""]
+    for event in [events[0]] if len(events) == 1 else [events[0], events[-1]]:
+        md += [f"### Step {event.get('step')}", "", event_markdown(event), ""]
     return md
 
 
-def _quote(text) -> str:
-    flat = " ".join(str(text or "").split())
-    return f"`{flat[:300]}{'…' if len(flat) > 300 else ''}`" if flat else "(empty)"
-
-
 def markdown(d: dict, cfg: dict | None, summary: dict | None, figures: dict[str, Path], out: Path,
-             metrics_path: Path, warnings: list[str], samples: list[dict] | None = None) -> tuple[str, dict]:
+             metrics_path: Path, warnings: list[str], completions: list[dict] | None = None) -> tuple[str, dict]:
     """(report.md's text, its headline numbers)."""
     train, ev = d["train"], d["eval"]
     stats: dict = {"train_steps": len(train), "eval_points": len(ev), "duplicate_steps": d["duplicates"]}
@@ -229,4 +222,4 @@ def markdown(d: dict, cfg: dict | None, summary: dict | None, figures: dict[str,
         md += _eval_section(ev, stats)
     if train:
         md += _training_section(train, stats) + _time_section(train, stats)
-    return "\n".join(md + _samples_section(samples or []) + _figures_section(figures, out)), stats
+    return "\n".join(md + _completions_section(completions or []) + _figures_section(figures, out)), stats

@@ -158,11 +158,3 @@ def kl_rise_warning(values: list[float], *, at_end: bool = False) -> str | None:
                     f"region (loss.is_clip=0.2), larger batches (train.micro_batch_size, train.grad_accum), "
                     f"loss.normalize_reward=false, enough rollout.max_new_tokens for the answers to end")
     return None
-
-
-def load_samples(path: str | Path) -> list[dict]:
-    """eval_samples.jsonl next to metrics.jsonl (prompt / student / teacher completions per eval); [] if absent."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]

@@ -17,6 +17,7 @@ from opdx import models
 from opdx.config import Config, ConfigError
 from opdx.config_checks import CROSS_TOKENIZER_KINDS
 from opdx.data import Example, Sampler, encode_examples, load_examples
+from opdx.eval_metrics import parse_metric_specs
 from opdx.train import xtok_scoring
 from opdx.train.checkpoint import load_checkpoint, newest_checkpoint
 from opdx.train.distributed import barrier, rank, world
@@ -41,7 +42,8 @@ class Data:
     train_prompts: list[list[int]]
     train_responses: list[list[int]]
     eval_prompts: list[list[int]]
-    task: list[tuple[list[int], str]] = field(default_factory=list)  # (prompt ids, answer): eval task accuracy
+    # (prompt ids, prompt text, record): the held-out records eval.metrics scores
+    task: list[tuple[list[int], str, dict]] = field(default_factory=list)
     teacher_tokenizer: Any = None  # loss.kind=uld / gold: the teacher's own tokenizer ...
     teacher_prompts: dict = field(default_factory=dict)  # ... and {student prompt ids: teacher prompt ids}
 
@@ -231,6 +233,11 @@ def load_data(cfg: Config) -> tuple[list[Example], list[Example]]:
     return train, (load_examples(_resolve_data_path(d.eval), what="data.eval", **fields) if d.eval else train)
 
 
+def _record(ex: Example, d) -> dict:
+    """The data record an eval.metrics callable sees: its fields, the prompt and (when it has one) the response."""
+    return {**(ex.meta or {}), d.prompt_field: ex.prompt, **({d.response_field: ex.response} if ex.response else {})}
+
+
 def prepare_data(cfg: Config, train_examples, eval_examples) -> Data:
     """Model dirs, tokenizer checks (student vs teacher), then the encoded prompts/responses."""
     d = cfg.data
@@ -254,9 +261,12 @@ def prepare_data(cfg: Config, train_examples, eval_examples) -> Data:
                max_response_len=d.max_response_len, eos_id=eos_ids[0])
     train_prompts, train_responses = encode_examples(tok, train_examples, what="data.train", **enc)
     eval_prompts, _ = encode_examples(tok, eval_examples, what="data.eval", **enc)
-    # checkable held-out prompts (records with an "answer"): greedy task accuracy at every eval
-    task = [(p, str(ex.meta["answer"])) for p, ex in zip(eval_prompts, eval_examples)
-            if cfg.eval.task and ex.meta and ex.meta.get("answer") not in (None, "")]
+    # the held-out records eval.metrics scores (greedy) at every eval: those with an "answer", or every one when a
+    # python metric is listed
+    metrics = parse_metric_specs(cfg.eval.metrics) if cfg.eval.task else []
+    every_record = any(not m.needs_answer for m in metrics)
+    task = [(p, ex.prompt, _record(ex, d)) for p, ex in zip(eval_prompts, eval_examples)
+            if metrics and (every_record or (ex.meta or {}).get("answer") not in (None, ""))]
     data = Data(teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts, task)
     if xtok:  # the same prompt texts encoded with the teacher's own chat template
         data.teacher_tokenizer = teacher_tok

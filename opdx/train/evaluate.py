@@ -10,6 +10,7 @@ import torch
 from opdx.config import Config
 from opdx.config_checks import CROSS_TOKENIZER_KINDS
 from opdx.data import build_batch
+from opdx.eval_metrics import parse_metric_specs, score_sums
 from opdx.ops import token_logprobs
 from opdx.train.distributed import all_reduce_sum, rank, world
 from opdx.train.objectives import SignalSpec, teacher_signal, token_stats
@@ -36,13 +37,26 @@ def _samples(cfg: Config, rollout, student, prompts, *, vocab, pad_id, device, m
         yield batch, logits, batch.tail(keep - 1)
 
 
-def _kl_sums(cfg: Config, rollout, teacher, student, prompts, **kw) -> list[float]:
-    """[k1 sum, k3 sum, token count, response tokens, sequences, top-1 agreements] on the student's samples."""
+def _trace(out: list | None, k: int, batch, s_logp, t_logp) -> None:
+    """Appends the completion tokens of the batch's first rows and their student and teacher logprobs (t_logp None:
+    a teacher with another tokenizer) to ``out`` until it holds ``k`` (log.completions, `completions_event`)."""
+    if out is None:
+        return
+    for i in range(min(batch.targets.shape[0], k - len(out))):
+        keep = batch.loss_mask[i]
+        out.append({"ids": batch.targets[i][keep].tolist(), "student_logprobs": s_logp[i][keep].tolist(),
+                    "teacher_logprobs": None if t_logp is None else t_logp[i][keep].tolist()})
+
+
+def _kl_sums(cfg: Config, rollout, teacher, student, prompts, trace=None, **kw) -> list[float]:
+    """[k1 sum, k3 sum, token count, response tokens, sequences, top-1 agreements] on the student's samples; the
+    first samples' per-token logprobs go to ``trace`` (`_trace`) when given."""
     sums = [0.0] * 6
     for full, logits, batch in _samples(cfg, rollout, student, prompts, **kw):
         signal = teacher_signal(teacher, full, TOP1, kw["vocab"])
         t_logp = signal.token_logprobs[:, -batch.targets.shape[1]:]
         s_logp = token_logprobs(logits, batch.targets)
+        _trace(trace, cfg.log.completions.num, batch, s_logp, t_logp)
         st = token_stats(s_logp, t_logp, batch.loss_mask, batch, student_top1=logits[batch.loss_mask].argmax(-1),
                          teacher_top1=signal.topk_ids[:, 0])
         for i, v in enumerate((st.k1_sum, st.k3_sum, st.n, sum(batch.completion_lens), len(full.completion_lens),
@@ -51,15 +65,16 @@ def _kl_sums(cfg: Config, rollout, teacher, student, prompts, **kw) -> list[floa
     return sums
 
 
-def _group_kl_sums(cfg: Config, rollout, teacher, student, prompts, **kw) -> list[float]:
+def _group_kl_sums(cfg: Config, rollout, teacher, student, prompts, trace=None, **kw) -> list[float]:
     """loss.kind=uld / gold (a teacher with another tokenizer): [k1 sum, k3 sum, aligned groups, response tokens,
     sequences, 0] of the per-group reverse KL (opdx.train.xtok_scoring.group_kl_sums) on the student's samples."""
     from opdx.train.xtok_scoring import group_kl_sums
 
     sums = [0.0] * 6
     for full, logits, batch in _samples(cfg, rollout, student, prompts, **kw):
-        s_logp = token_logprobs(logits, batch.targets)[batch.loss_mask]
-        k1, k3, groups = group_kl_sums(s_logp, teacher.group_logprobs(full))
+        s_logp = token_logprobs(logits, batch.targets)
+        _trace(trace, cfg.log.completions.num, batch, s_logp, None)
+        k1, k3, groups = group_kl_sums(s_logp[batch.loss_mask], teacher.group_logprobs(full))
         for i, v in enumerate((k1, k3, groups, sum(batch.completion_lens), len(full.completion_lens))):
             sums[i] += float(v)
     return sums
@@ -75,24 +90,21 @@ def _greedy(rollout, prompts, *, bs: int, seed: int, max_new: int) -> list[list[
     return out
 
 
-def _task_sums(cfg: Config, generate, task, *, tokenizer) -> list[float]:
-    """[correct, scored] greedy answers (``generate(prompts) -> completions``) to this rank's share of the checkable
-    prompts. Every rank runs the same number of generate calls (ZeRO-3 gathers stay matched); padding rows are
-    not scored."""
-    from opdx.data_eval import score_answer
-
+def _task_sums(metrics, generate, task, *, tokenizer) -> list[float]:
+    """[score sum, scored count] per metric (opdx.eval_metrics.score_sums) of the greedy answers (``generate(prompts)
+    -> completions``) to this rank's share of the scored eval records, ``task``'s (prompt ids, prompt text, record)
+    triples. Every rank runs the same number of generate calls (ZeRO-3 gathers stay matched); padding rows are not
+    scored."""
     task = list(task)
     if not task:
-        return [0.0, 0.0]
+        return [0.0] * (2 * len(metrics))
     per_rank = -(-len(task) // world())
     mine = [(task[i], True) if i < len(task) else (task[0], False)
             for i in (rank() + world() * j for j in range(per_rank))]
-    correct = n_task = 0.0
-    for ((_, answer), real), ids in zip(mine, generate([p for (p, _), _ in mine])):
-        if real:
-            correct += float(score_answer(tokenizer.decode(ids, skip_special_tokens=True), answer))
-            n_task += 1
-    return [correct, n_task]
+    scored = [(item, ids) for (item, real), ids in zip(mine, generate([item[0] for item, _ in mine])) if real]
+    return score_sums(metrics, [text for (_, text, _), _ in scored],
+                      [tokenizer.decode(ids, skip_special_tokens=True) for _, ids in scored],
+                      [record for (_, _, record), _ in scored])
 
 
 def _quality_sums(completions, eos_ids) -> list[float]:
@@ -104,13 +116,19 @@ def _quality_sums(completions, eos_ids) -> list[float]:
     return [st["response_len"] * n, st["stop_rate"] * n, st["repeat_frac"] * n, float(n)]
 
 
-def _greedy_metrics(prefix: str, sums: list[float]) -> dict:
-    correct, n_task, length, stops, repeats, n = sums
+def _greedy_metrics(prefix: str, metrics, sums: list[float]) -> dict:
+    """The greedy completions' metrics from the rank-summed [`_task_sums` of ``metrics``, `_quality_sums`]: every
+    metric with a scored record as ``<prefix><metric.key>``."""
+    length, stops, repeats, n = sums[2 * len(metrics):]
     out = {f"{prefix}response_len": length / max(n, 1), f"{prefix}stop_rate": stops / max(n, 1),
            f"{prefix}repeat_frac": repeats / max(n, 1)}
-    if n_task:
-        out[f"{prefix}task_accuracy"] = correct / n_task
+    for m, total, scored in zip(metrics, sums[0::2], sums[1::2]):
+        if scored:
+            out[f"{prefix}{m.key}"] = total / scored
     return out
+
+
+_QUALITY = ("response_len", "stop_rate", "repeat_frac")
 
 
 def _my_prompts(cfg: Config, eval_prompts) -> list:
@@ -124,7 +142,7 @@ def _max_new(cfg: Config) -> int:
 
 @torch.no_grad()
 def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad_id, device, task=(),
-             tokenizer=None, eos_ids=None, completions_out: list | None = None) -> dict:
+             tokenizer=None, eos_ids=None, samples_out: list | None = None) -> dict:
     """Held-out metrics over all ranks' prompts.
 
     - ``eval_reverse_kl`` / ``eval_k3``: the student samples (``eval.temperature``) on held-out prompts; student and
@@ -135,25 +153,26 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
     - loss.kind=uld / gold (a teacher with another tokenizer) replaces those three by ``eval_group_reverse_kl`` /
       ``eval_group_k3``: the mean over the byte-aligned groups of the samples of the k1 / k3 estimates of
       log P_S(group text) − log P_T(group text) (opdx.train.xtok_scoring.group_kl_sums).
-    - ``eval_task_accuracy`` (when ``task`` holds (prompt ids, answer) pairs, the eval records with an ``answer``):
-      greedy completions scored by opdx.data_eval.score_answer.
+      The first ``log.completions.num`` samples of this rank, with their per-token logprobs, are appended to
+      ``samples_out`` when given (`_trace`).
+    - ``eval_<key>`` per ``eval.metrics`` spec (opdx.eval_metrics; ``eval_task_accuracy`` for exact_match), when
+      ``task`` holds the scored eval records as (prompt ids, prompt text, record) triples: their greedy completions
+      scored by the metric, averaged over the records it can score.
     - with ``eos_ids``: the student's greedy completions of the same held-out prompts: ``eval_response_len``,
-      ``eval_stop_rate`` (ended with EOS), ``eval_repeat_frac`` (share of repeated 4-grams); this rank's
-      completions are appended to ``completions_out`` when given."""
+      ``eval_stop_rate`` (ended with EOS), ``eval_repeat_frac`` (share of repeated 4-grams)."""
     mine, max_new, bs = _my_prompts(cfg, eval_prompts), _max_new(cfg), cfg.eval.batch_size
     was_training = student.training
     student.eval()
     xtok = cfg.loss.kind in CROSS_TOKENIZER_KINDS
     kl = (_group_kl_sums if xtok else _kl_sums)(cfg, rollout, teacher, student, mine, vocab=vocab, pad_id=pad_id,
-                                                device=device, max_new=max_new)
+                                                device=device, max_new=max_new, trace=samples_out)
 
     def generate(prompts):
         return _greedy(rollout, prompts, bs=bs, seed=cfg.eval.seed, max_new=max_new)
 
-    tk = _task_sums(cfg, generate, task, tokenizer=tokenizer)
+    metrics = parse_metric_specs(cfg.eval.metrics)
+    tk = _task_sums(metrics, generate, task, tokenizer=tokenizer)
     greedy = generate(mine) if eos_ids is not None else []
-    if completions_out is not None:
-        completions_out.extend(greedy)
     if was_training:
         student.train()
     k1_sum, k3_sum, count, resp, seqs, agree, *rest = all_reduce_sum(kl + tk + _quality_sums(greedy, eos_ids))
@@ -163,9 +182,9 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
         out = {"eval_reverse_kl": k1_sum / max(count, 1), "eval_k3": k3_sum / max(count, 1),
                "eval_top1_agreement": agree / max(count, 1)}
     out["eval_sample_response_len"] = resp / max(seqs, 1)
-    quality = _greedy_metrics("eval_", rest)
+    quality = _greedy_metrics("eval_", metrics, rest)
     if eos_ids is None:
-        quality = {k: v for k, v in quality.items() if k == "eval_task_accuracy"}
+        quality = {k: v for k, v in quality.items() if k[len("eval_"):] not in _QUALITY}
         out["eval_response_len"] = out["eval_sample_response_len"]
     return {**out, **quality}
 
@@ -174,8 +193,9 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
 def teacher_reference(cfg: Config, teacher, eval_prompts, *, task, tokenizer, eos_ids, pad_id, vocab,
                       completions_out: list | None = None) -> dict:
     """The teacher's greedy completions of the same held-out prompts, once per run: ``eval_teacher_response_len``,
-    ``eval_teacher_stop_rate``, ``eval_teacher_repeat_frac`` and ``eval_teacher_task_accuracy`` (the references
-    the student's greedy numbers are read against). {} for a teacher that cannot generate."""
+    ``eval_teacher_stop_rate``, ``eval_teacher_repeat_frac`` and ``eval_teacher_<key>`` per eval.metrics spec
+    (``eval_teacher_task_accuracy``: the references the student's greedy numbers are read against); this rank's
+    completions are appended to ``completions_out`` when given. {} for a teacher that cannot generate."""
     if not hasattr(teacher, "generate"):
         return {}
     max_new, bs = _max_new(cfg), cfg.eval.batch_size
@@ -189,32 +209,55 @@ def teacher_reference(cfg: Config, teacher, eval_prompts, *, task, tokenizer, eo
             out.extend(rb.completions())
         return out
 
-    tk = _task_sums(cfg, generate, task, tokenizer=tokenizer)
+    metrics = parse_metric_specs(cfg.eval.metrics)
+    tk = _task_sums(metrics, generate, task, tokenizer=tokenizer)
     greedy = generate(_my_prompts(cfg, eval_prompts))
     if completions_out is not None:
         completions_out.extend(greedy)
-    return _greedy_metrics("eval_teacher_", all_reduce_sum(tk + _quality_sums(greedy, eos_ids)))
+    return _greedy_metrics("eval_teacher_", metrics, all_reduce_sum(tk + _quality_sums(greedy, eos_ids)))
 
 
-SAMPLES = 3  # eval prompts whose student (and teacher) greedy completions go to eval_samples.jsonl
+def logs_completions(cfg: Config, step: int) -> bool:
+    """Whether the eval at ``step`` writes completions.jsonl (rank 0; log.completions.every / .num)."""
+    every = cfg.log.completions.every
+    return rank() == 0 and cfg.log.completions.num > 0 and (every == 0 or step % every == 0)
 
 
-def eval_record(t: Trainer, step: int) -> tuple[dict, dict]:
-    """The metrics.jsonl record of one evaluation (at ``step``) and its eval_samples.jsonl record: the first
-    prompts of rank 0 with the student's and the teacher's greedy completions (text)."""
+def _rounded(values) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def completions_event(tokenizer, step: int, prompts, samples, teacher_greedy) -> dict:
+    """One completions.jsonl line: per logged prompt its text, the student's sample (text, per-token text and ids,
+    student and teacher token logprobs at temperature 1 and their difference student − teacher; the teacher ones
+    null for a teacher with another tokenizer) and the teacher's greedy answer (null when it cannot generate)."""
+    rows = []
+    for prompt, sample, greedy in zip(prompts, samples, itertools.chain(teacher_greedy, itertools.repeat(None))):
+        s_logp, t_logp = sample["student_logprobs"], sample["teacher_logprobs"]
+        rows.append({
+            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "student": tokenizer.decode(sample["ids"], skip_special_tokens=True),
+            "teacher": None if greedy is None else tokenizer.decode(greedy, skip_special_tokens=True),
+            "tokens": [tokenizer.decode([i]) for i in sample["ids"]], "token_ids": sample["ids"],
+            "student_logprobs": _rounded(s_logp),
+            "teacher_logprobs": None if t_logp is None else _rounded(t_logp),
+            "logprob_diff": None if t_logp is None else _rounded(a - b for a, b in zip(s_logp, t_logp))})
+    return {"step": step, "completions": rows}
+
+
+def eval_record(t: Trainer, step: int) -> tuple[dict, dict | None]:
+    """The metrics.jsonl record of one evaluation (at ``step``) and, when it logs them (`logs_completions`), its
+    completions.jsonl record (`completions_event`: rank 0's first held-out prompts, from the eval's own samples)."""
     d, cfg, tok = t.data, t.cfg, t.data.tokenizer
     common = dict(task=d.task, tokenizer=tok, eos_ids=d.eos_ids, pad_id=d.pad_id, vocab=t.vocab)
     if t.teacher_eval is None:
         t.teacher_completions = []
         t.teacher_eval = teacher_reference(cfg, t.teacher, d.eval_prompts, completions_out=t.teacher_completions,
                                            **common)
-    student = []
+    samples = [] if logs_completions(cfg, step) else None
     metrics = evaluate(cfg, t.rollout, t.teacher, t.engine.module, d.eval_prompts, device=t.device,
-                       completions_out=student, **common)
-    mine = _my_prompts(cfg, d.eval_prompts)[:SAMPLES]
-    samples = [{"prompt": tok.decode(p, skip_special_tokens=True), "student": tok.decode(s, skip_special_tokens=True),
-                "teacher": tok.decode(te, skip_special_tokens=True) if te is not None else None}
-               for p, s, te in itertools.zip_longest(mine, student[:SAMPLES], t.teacher_completions[:SAMPLES])
-               if p is not None]
+                       samples_out=samples, **common)
     record = {"step": step, "teacher_tokens": t.teacher_tokens, **metrics, **t.teacher_eval}
-    return record, {"step": step, "samples": samples}
+    if samples is None:
+        return record, None
+    return record, completions_event(tok, step, _my_prompts(cfg, d.eval_prompts), samples, t.teacher_completions)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from opdx.config import Config
+from opdx.report.completions import event_markdown
 from opdx.train.distributed import rank
 
 
@@ -48,18 +49,18 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 class Logger:
     """Rank 0 appends one JSON record per line to output_dir/metrics.jsonl (and the numbers to TensorBoard), and
-    the eval sample completions to output_dir/eval_samples.jsonl."""
+    the logged completions of an eval to output_dir/completions.jsonl (and as markdown to TensorBoard's text tab)."""
 
     def __init__(self, cfg: Config, start_step: int):
         self.rank0 = rank() == 0
         self.path = Path(cfg.train.output_dir) / "metrics.jsonl"
-        self.samples_path = self.path.with_name("eval_samples.jsonl")
+        self.completions_path = self.path.with_name("completions.jsonl")
         self.tb = None
         if not self.rank0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _restart_jsonl(self.path, start_step)
-        _restart_jsonl(self.samples_path, start_step)
+        _restart_jsonl(self.completions_path, start_step)
         if cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -78,9 +79,15 @@ class Logger:
                     self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
 
-    def log_samples(self, record: dict) -> None:
-        if self.rank0:
-            _append_jsonl(self.samples_path, record)
+    def log_completions(self, event: dict) -> None:
+        """One completions.jsonl event (opdx.train.evaluate.completions_event), rendered for TensorBoard by
+        opdx.report.completions."""
+        if not self.rank0:
+            return
+        _append_jsonl(self.completions_path, event)
+        if self.tb is not None:
+            self.tb.add_text("completions", event_markdown(event), event["step"])
+            self.tb.flush()
 
     def rows(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -122,8 +129,9 @@ class Progress:
 
     def update(self, record: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", rkl=f"{record['reverse_kl']:.4f}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            kl = {"rkl": f"{record['reverse_kl']:.4f}"} if "reverse_kl" in record else {}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **kl, tok_s=f"{record['tokens_per_s']:.0f}",
+                                 refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -146,7 +154,10 @@ def write_summary(cfg: Config, logger: Logger, last: dict, *, start_step: int, t
         summary.update(eval_reverse_kl_start=first, eval_reverse_kl_end=lastev,
                        eval_reverse_kl_ratio=lastev / first if first else float("nan"))
     if last:
-        summary.update(final_loss=last["loss"], final_reverse_kl=last["reverse_kl"])
+        summary.update(final_loss=last["loss"])
+        kl = [r["reverse_kl"] for r in logger.rows() if "reverse_kl" in r]
+        if kl:
+            summary["final_reverse_kl"] = kl[-1]
     if cfg.log.plot:
         try:
             from opdx.report import write_report

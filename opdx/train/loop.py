@@ -33,9 +33,12 @@ class StepSums:
     """What one optimizer step adds up over its micro-batches (then over the ranks)."""
 
     loss: float = 0.0
-    k1: float = 0.0
+    k1: float = 0.0  # k1 / k3 reverse-KL sums over the student's own samples (kl_tokens of them)
     k3: float = 0.0
-    tokens: float = 0.0
+    kl_tokens: float = 0.0
+    teacher_logratio: float = 0.0  # sum of log π_T − log π_S over tokens the student did not sample
+    offpolicy_tokens: float = 0.0
+    tokens: float = 0.0  # every teacher-scored token
     response_tokens: float = 0.0
     sequences: float = 0.0
     mismatch: float = 0.0  # sum of |Δlogp| between the rollout engine's and the trainer's logprobs
@@ -43,9 +46,16 @@ class StepSums:
     is_ratio: float = 0.0  # opd: token sums of the importance ratio and of the clipped indicator
     is_clip: float = 0.0
 
-    def add(self, loss, stats, batch) -> None:
+    def add(self, loss, stats, batch, source: str) -> None:
+        """k1 / k3 estimate KL(student || teacher) only on the student's own samples: on teacher or dataset
+        sequences the same sum is minus a log-ratio, kept apart as ``teacher_logratio``."""
         self.loss += float(loss.detach())
-        self.k1, self.k3, self.tokens = self.k1 + stats.k1_sum, self.k3 + stats.k3_sum, self.tokens + stats.n
+        self.tokens += stats.n
+        if source == "student":
+            self.k1, self.k3, self.kl_tokens = self.k1 + stats.k1_sum, self.k3 + stats.k3_sum, self.kl_tokens + stats.n
+        else:
+            self.teacher_logratio, self.offpolicy_tokens = self.teacher_logratio - stats.k1_sum, \
+                self.offpolicy_tokens + stats.n
         self.is_ratio, self.is_clip = self.is_ratio + stats.is_ratio_sum, self.is_clip + stats.is_clip_sum
         self.response_tokens += sum(batch.completion_lens)
         self.sequences += len(batch.completion_lens)
@@ -95,7 +105,7 @@ def train_step(t: Trainer, step: int, sources_log: SourcesLog) -> dict:
                 t.engine.backward(loss)
             with timed("engine_step", times, t.device), timed_update(t.engine.basic_optimizer, times, t.device):
                 t.engine.step()  # clipping, the AdamW update (times["optimizer"]), the lr scheduler
-            sums.add(loss, stats, seqs.batch)
+            sums.add(loss, stats, seqs.batch, source)
         with timed("sync", times, t.device):
             t.rollout.sync_weights(t.engine)  # vLLM engines load the new student weights (HF: nothing to do)
         sums = sums.all_reduce()
@@ -109,8 +119,6 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
     record = {
         "step": step,
         "loss": sums.loss / (world() * t.cfg.train.grad_accum),
-        "reverse_kl": sums.k1 / max(ntok, 1),
-        "reverse_kl_k3": sums.k3 / max(ntok, 1),
         "lr": t.engine.get_lr()[0],
         "tokens": int(ntok),
         "teacher_tokens": t.teacher_tokens,
@@ -124,6 +132,10 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
         "response_len": sums.response_tokens / max(sums.sequences, 1),
         "source": sources[0] if len(set(sources)) == 1 else ",".join(sources),
     }
+    if sums.kl_tokens:  # steps with student samples
+        record.update(reverse_kl=sums.k1 / sums.kl_tokens, reverse_kl_k3=sums.k3 / sums.kl_tokens)
+    if sums.offpolicy_tokens:  # teacher / dataset sequences: mean log π_T − log π_S (KL(T || S) on teacher samples)
+        record["teacher_logratio"] = sums.teacher_logratio / sums.offpolicy_tokens
     if t.cfg.loss.kind == "opd" and not t.cfg.loss.normalize_reward:  # importance sampling (opd_is_loss)
         record["is_ratio"] = sums.is_ratio / max(ntok, 1)
         record["is_clip_frac"] = sums.is_clip / max(ntok, 1)
@@ -136,11 +148,12 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
 
 
 def evaluate_and_log(t: Trainer, logger: Logger, step: int) -> None:
-    """One held-out evaluation: its metrics record, its sample completions, and the warning when the held-out
-    reverse KL has risen at two evals in a row."""
-    record, samples = eval_record(t, step)
+    """One held-out evaluation: its metrics record, its completions log (log.completions), and the warning when the
+    held-out reverse KL has risen at two evals in a row."""
+    record, completions = eval_record(t, step)
     logger.log(record)
-    logger.log_samples(samples)
+    if completions is not None:
+        logger.log_completions(completions)
     if rank() == 0:
         history = [r["eval_reverse_kl"] for r in logger.rows() if "eval_reverse_kl" in r]
         rise = kl_rise_warning(history, at_end=True)
