@@ -324,9 +324,10 @@ def test_cross_tokenizer_run_end_to_end(xtok, tmp_path, kind, sources):
     assert [r["step"] for r in evals] == [0, 3] and "eval_teacher_response_len" in evals[0]
     assert all(r["eval_group_reverse_kl"] == r["eval_group_reverse_kl"] for r in evals)
     assert not any("eval_top1_agreement" in r or "eval_reverse_kl" in r for r in rows)
-    # the completions log: the student's tokens and logprobs; no per-token teacher logprobs across tokenizers
+    # the completions log: the student's tokens and logprobs, the teacher's greedy text (generated in its tokens,
+    # re-tokenized for the student); no per-token teacher logprobs across tokenizers
     events = [json.loads(ln) for ln in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events] == [0, 3]
     for c in (c for e in events for c in e["completions"]):
         assert len(c["tokens"]) == len(c["student_logprobs"]) > 0
-        assert c["teacher_logprobs"] is None and c["logprob_diff"] is None and c["teacher"] is None
+        assert c["teacher_logprobs"] is None and c["logprob_diff"] is None and isinstance(c["teacher"], str)
