@@ -42,6 +42,8 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
+    # model (a teacher model scores the sequences) | file (loss.kind=topk from data.train's recorded top-K logprobs)
+    source: str = "model"
     path: str = ""  # teacher directory when model.source=path
     dtype: str = ""  # "" = same as model.dtype
     attn_implementation: str = ""  # "" = same as model.attn_implementation
@@ -215,6 +217,7 @@ CHOICES = {
     "model.source": ("demo", "tiny", "path"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "teacher.source": ("model", "file"),
     "teacher.dtype": ("", "float32", "bfloat16", "float16"),
     "teacher.attn_implementation": ("", "sdpa", "eager", "flash_attention_2"),
     "rollout.engine": ("hf", "vllm"),

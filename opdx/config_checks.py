@@ -111,8 +111,10 @@ def loss_rules(cfg) -> Rules:
 
 def model_rules(cfg) -> Rules:
     yield cfg.model.source != "path" or bool(cfg.model.path), "model.source=path needs model.path=<student dir>"
-    yield (cfg.model.source != "path" or bool(cfg.teacher.path) or bool(cfg.teacher.servers()),
-           "model.source=path needs teacher.path=<teacher dir> (or teacher.server_url=<vllm serve url>)")
+    yield (cfg.model.source != "path" or bool(cfg.teacher.path) or bool(cfg.teacher.servers())
+           or cfg.teacher.source == "file",
+           "model.source=path needs teacher.path=<teacher dir> (or teacher.server_url=<vllm serve url>, or "
+           "teacher.source=file)")
 
 
 def rollout_rules(cfg) -> Rules:
@@ -210,10 +212,29 @@ def eval_log_rules(cfg) -> Rules:
            f"log.completions.num must be >= 0 (held-out prompts whose completions are logged; 0 = off), got {comp.num}")
 
 
+def file_teacher_rules(cfg) -> Rules:
+    """teacher.source=file: the top-K logprobs data.train records (opdx.generate --logprobs K) are the teacher
+    signal of its own responses; nothing can score other sequences."""
+    if cfg.teacher.source != "file":
+        return
+    loss, t = cfg.loss, cfg.teacher
+    yield (loss.kind == "topk",
+           f"teacher.source=file trains from data.train's recorded top-K logprobs, which only loss.kind=topk uses: "
+           f"set loss.kind=topk (got {loss.kind}) or teacher.source=model")
+    yield (loss.lmbda == 0.0,
+           f"teacher.source=file cannot score the student's own rollouts (loss.lmbda={loss.lmbda}): set loss.lmbda=0, "
+           "or teacher.source=model with a live teacher for mixed (on-policy) training")
+    yield (abs(loss.temperature - 1.0) < 1e-12,
+           f"teacher.source=file: the recorded top-K logprobs are the teacher's at temperature 1 (opdx.generate "
+           f"records them before its sampling temperature); set loss.temperature=1 (got {loss.temperature})")
+    yield (not t.servers() and not t.deepspeed,
+           "teacher.source=file loads no teacher: unset teacher.server_url / server_urls and teacher.deepspeed")
+
+
 # in the order the checks run: the values of one section first, then the combinations that involve others
 SECTION_RULES = (loss_rules, cross_tokenizer_rules, teacher_mix_rules, rollout_rules, training_rules, eval_log_rules,
-                 model_rules, teacher_rules)
+                 model_rules, teacher_rules, file_teacher_rules)
 
 __all__ = ["CROSS_TOKENIZER_KINDS", "FULL_LOGITS_KINDS", "OPTIM_IMPLS", "SECTION_RULES", "cross_tokenizer_rules",
-           "eval_log_rules", "gold_matched_weight", "lora_targets_lm_head", "loss_rules", "model_rules",
-           "rollout_rules", "teacher_mix_rules", "teacher_rules", "training_rules"]
+           "eval_log_rules", "file_teacher_rules", "gold_matched_weight", "lora_targets_lm_head", "loss_rules",
+           "model_rules", "rollout_rules", "teacher_mix_rules", "teacher_rules", "training_rules"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -95,9 +96,46 @@ def encode_response(tokenizer, response: str, eos_id: int, max_len: int) -> list
     return ids + [eos_id]
 
 
+def recorded_response_ids(tokenizer, ex: Example, eos_id: int, max_len: int) -> list[int] | None:
+    """The ``response_ids`` an `opdx.generate` record carries (through the EOS when its finish_reason is "stop"),
+    cut to ``max_len``, when they are this tokenizer's: ids inside its vocabulary, the EOS its own, decoding to the
+    record's response text. None for a record without them or from another tokenizer."""
+    ids = (ex.meta or {}).get("response_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < len(tokenizer) for i in ids):
+        return None
+    stop = (ex.meta or {}).get("finish_reason") == "stop"
+    if stop and ids[-1] != eos_id:
+        return None
+    if tokenizer.decode(ids[:-1] if stop else ids, skip_special_tokens=False) != ex.response:
+        return None
+    return ids[:max_len]
+
+
+def uses_recorded_ids(ex: Example, response: list[int]) -> bool:
+    """Whether an encoded ``response`` is (a prefix of) the record's own ``response_ids``."""
+    ids = (ex.meta or {}).get("response_ids")
+    return isinstance(ids, list) and bool(response) and list(ids[:len(response)]) == list(response)
+
+
+def encode_responses(tokenizer, examples: list[Example], *, eos_id: int, max_len: int, what: str) -> list[list[int]]:
+    """Per example its recorded response ids (`recorded_response_ids`: the trained tokens are exactly the generated
+    ones), else its response text encoded (`encode_response`), else just an EOS."""
+    out, retokenized = [], 0
+    for ex in examples:
+        ids = recorded_response_ids(tokenizer, ex, eos_id, max_len)
+        retokenized += ids is None and "response_ids" in (ex.meta or {})
+        out.append(ids if ids is not None else
+                   encode_response(tokenizer, ex.response, eos_id, max_len) if ex.response else [eos_id])
+    if retokenized:
+        print(f"opdx.data: {what}: the response_ids of {retokenized} records are not this tokenizer's (ids outside "
+              "its vocabulary, another EOS, or another decoded text): their response text is tokenized again",
+              file=sys.stderr, flush=True)
+    return out
+
+
 def encode_examples(tokenizer, examples: list[Example], *, chat_template: bool, system_prompt: str,
                     max_prompt_len: int, max_response_len: int, eos_id: int, what: str = "dataset"):
-    prompts, responses = [], []
+    prompts = []
     for i, ex in enumerate(examples):
         ids = encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system_prompt=system_prompt)
         if len(ids) > max_prompt_len:
@@ -106,8 +144,7 @@ def encode_examples(tokenizer, examples: list[Example], *, chat_template: bool, 
                 f"(raise the limit or shorten it: {ex.prompt[:40]!r}...)"
             )
         prompts.append(ids)
-        responses.append(encode_response(tokenizer, ex.response, eos_id, max_response_len) if ex.response else [eos_id])
-    return prompts, responses
+    return prompts, encode_responses(tokenizer, examples, eos_id=eos_id, max_len=max_response_len, what=what)
 
 
 # -------------------------------------------------------------------------------------------------------- sampler

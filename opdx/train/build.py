@@ -16,7 +16,7 @@ import torch
 from opdx import models
 from opdx.config import Config, ConfigError
 from opdx.config_checks import CROSS_TOKENIZER_KINDS
-from opdx.data import Example, Sampler, encode_examples, load_examples
+from opdx.data import Example, Sampler, encode_examples, load_examples, uses_recorded_ids
 from opdx.eval_metrics import parse_metric_specs
 from opdx.train import xtok_scoring
 from opdx.train.checkpoint import load_checkpoint, newest_checkpoint
@@ -46,6 +46,10 @@ class Data:
     task: list[tuple[list[int], str, dict]] = field(default_factory=list)
     teacher_tokenizer: Any = None  # loss.kind=uld / gold: the teacher's own tokenizer ...
     teacher_prompts: dict = field(default_factory=dict)  # ... and {student prompt ids: teacher prompt ids}
+    # every training response is an opdx.generate record's own response_ids: the teacher source (loss.seq_kd) reads
+    # them instead of generating
+    pre_sampled: bool = False
+    file_teacher: Any = None  # teacher.source=file: data.train's recorded top-K logprobs (opdx.teacher.file)
 
 
 @dataclass
@@ -115,8 +119,8 @@ def resolve_model_dirs(cfg: Config) -> tuple[str, str]:
     src = cfg.model.source
     if src == "path":
         _check_model_dir(cfg.model.path, "model.path (student)")
-        if cfg.teacher.servers() and not cfg.teacher.path:
-            return "", cfg.model.path  # server teacher, no local tokenizer to compare against
+        if (cfg.teacher.servers() or cfg.teacher.source == "file") and not cfg.teacher.path:
+            return "", cfg.model.path  # server or file teacher, no local tokenizer to compare against
         _check_model_dir(cfg.teacher.path, "teacher.path")
         return cfg.teacher.path, cfg.model.path
     if src == "tiny":
@@ -267,7 +271,13 @@ def prepare_data(cfg: Config, train_examples, eval_examples) -> Data:
     every_record = any(not m.needs_answer for m in metrics)
     task = [(p, ex.prompt, _record(ex, d)) for p, ex in zip(eval_prompts, eval_examples)
             if metrics and (every_record or (ex.meta or {}).get("answer") not in (None, ""))]
-    data = Data(teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts, task)
+    data = Data(teacher_dir, student_dir, tok, eos_ids, pad_id, train_prompts, train_responses, eval_prompts, task,
+                pre_sampled=all(uses_recorded_ids(ex, r) for ex, r in zip(train_examples, train_responses)))
+    if cfg.teacher.source == "file":
+        from opdx.teacher.file import FileTeacher
+
+        data.file_teacher = FileTeacher(train_examples, train_prompts, train_responses, vocab=len(tok),
+                                        topk=cfg.loss.topk, what=f"data.train={d.train}")
     if xtok:  # the same prompt texts encoded with the teacher's own chat template
         data.teacher_tokenizer = teacher_tok
         data.teacher_prompts = xtok_scoring.teacher_prompt_map(cfg, teacher_tok, (train_examples, train_prompts),
@@ -335,9 +345,10 @@ def build_engines(cfg: Config, device, data: Data) -> Trainer:
     from opdx.rollout import make_rollout
 
     student = build_student(cfg, data.student_dir, device)
-    if cfg.teacher.servers():
-        teacher, teacher_model = build_server_teacher(cfg), None
+    if cfg.teacher.servers() or cfg.teacher.source == "file":
         vocab = vocab_size(data.tokenizer, base_model(student))
+        teacher = build_server_teacher(cfg) if cfg.teacher.servers() else data.file_teacher
+        teacher_model = None
     else:
         teacher_model = load_teacher_model(cfg, data.teacher_dir, device)
         same_vocab = [] if data.teacher_tokenizer is not None else [teacher_model]  # uld / gold: two vocabularies

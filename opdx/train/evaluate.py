@@ -150,6 +150,7 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
       ``eval_sample_response_len``: those samples' mean length.
     - ``eval_top1_agreement``: on those samples, the fraction of positions where the student's and the teacher's
       most likely next token agree.
+    - teacher.source=file (no teacher model) has none of these: the held-out samples are never scored.
     - loss.kind=uld / gold (a teacher with another tokenizer) replaces those three by ``eval_group_reverse_kl`` /
       ``eval_group_k3``: the mean over the byte-aligned groups of the samples of the k1 / k3 estimates of
       log P_S(group text) − log P_T(group text) (opdx.train.xtok_scoring.group_kl_sums).
@@ -163,9 +164,9 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
     mine, max_new, bs = _my_prompts(cfg, eval_prompts), _max_new(cfg), cfg.eval.batch_size
     was_training = student.training
     student.eval()
-    xtok = cfg.loss.kind in CROSS_TOKENIZER_KINDS
+    xtok, scored = cfg.loss.kind in CROSS_TOKENIZER_KINDS, cfg.teacher.source != "file"  # a file scores no sample
     kl = (_group_kl_sums if xtok else _kl_sums)(cfg, rollout, teacher, student, mine, vocab=vocab, pad_id=pad_id,
-                                                device=device, max_new=max_new, trace=samples_out)
+                                                device=device, max_new=max_new, trace=samples_out) if scored else [0.0] * 6
 
     def generate(prompts):
         return _greedy(rollout, prompts, bs=bs, seed=cfg.eval.seed, max_new=max_new)
@@ -176,12 +177,15 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
     if was_training:
         student.train()
     k1_sum, k3_sum, count, resp, seqs, agree, *rest = all_reduce_sum(kl + tk + _quality_sums(greedy, eos_ids))
-    if xtok:  # per aligned group; the token-level metrics need one vocabulary
+    if not scored:
+        out = {}
+    elif xtok:  # per aligned group; the token-level metrics need one vocabulary
         out = {"eval_group_reverse_kl": k1_sum / max(count, 1), "eval_group_k3": k3_sum / max(count, 1)}
     else:
         out = {"eval_reverse_kl": k1_sum / max(count, 1), "eval_k3": k3_sum / max(count, 1),
                "eval_top1_agreement": agree / max(count, 1)}
-    out["eval_sample_response_len"] = resp / max(seqs, 1)
+    if scored:
+        out["eval_sample_response_len"] = resp / max(seqs, 1)
     quality = _greedy_metrics("eval_", metrics, rest)
     if eos_ids is None:
         quality = {k: v for k, v in quality.items() if k[len("eval_"):] not in _QUALITY}

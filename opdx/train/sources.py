@@ -1,5 +1,6 @@
 """Where a micro-batch's sequences come from (GKD's mix): the student's own rollouts with probability loss.lmbda,
-else the teacher's generations (loss.seq_kd) or the dataset's responses. Rank 0 draws, every rank follows."""
+else the teacher's generations (loss.seq_kd; read from data.train when it was written by opdx.generate) or the
+dataset's responses. Rank 0 draws, every rank follows."""
 
 from __future__ import annotations
 
@@ -52,11 +53,11 @@ def make_sequences(t: Trainer, idx: list[int], source: str, seed: int) -> Sequen
     if source == "student":
         rb = t.train_rollout.generate(prompts, seed=seed)
         completions = rb.completions()
-    elif source == "teacher":
+    elif source == "teacher" and not t.data.pre_sampled:
         r = t.cfg.rollout
         completions = t.teacher.generate(prompts, seed=seed, max_new_tokens=r.max_new_tokens,
                                          temperature=r.temperature, top_p=r.top_p, eos_ids=t.data.eos_ids,
                                          pad_id=t.data.pad_id, synced_gpus=False, vocab_size=t.vocab).completions()
-    else:
+    else:  # the dataset's responses (pre-sampled by opdx.generate: the teacher's own samples)
         completions = [t.data.train_responses[i] for i in idx]
     return Sequences(source, build_batch(prompts, completions, t.data.pad_id).to(t.device), rb)
