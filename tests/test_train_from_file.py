@@ -144,6 +144,8 @@ def test_file_teacher_errors(tiny, tmp_path, capsys, monkeypatch):
     assert "cannot score the student's own rollouts" in _main_err(capsys, "--config", TINY, *base, "loss.lmbda=0.5")
     assert "set loss.temperature=1" in _main_err(capsys, "--config", TINY, *base, "loss.temperature=2")
     assert "set loss.kind=topk" in _main_err(capsys, "--config", TINY, *base, "loss.kind=opd")
+    assert "generated with another chat template or system prompt" in _main_err(
+        capsys, "--config", TINY, *base, "data.chat_template=false")  # the logprobs were of the templated prompt
     rows = _rows(tiny["train"])
     rows[2]["response_ids"] = [600, 601]  # outside the student's 512-token vocabulary
     bad = tmp_path / "other_tok.jsonl"

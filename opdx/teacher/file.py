@@ -13,10 +13,13 @@ the top-K, else the top-K's tail mass log(1 − Σ_K p), an upper bound of it.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from opdx.data import Batch, Example, uses_recorded_ids
 from opdx.errors import ConfigError
+from opdx.generate_store import prompt_hashes
 from opdx.teacher import TeacherSignal
 
 
@@ -40,6 +43,21 @@ def _recorded_topk(ex: Example, n: int, row: int, *, topk: int, vocab: int, what
     return ids, logprobs
 
 
+def _check_prompt_hashes(examples: list[Example], prompts: list[list[int]], what: str) -> None:
+    """Each record's ``prompt_hash`` (opdx.generate: of the templated prompt ids and the prompt's occurrence in its
+    input file) must be one the trainer's encoding of the same prompt gives: the recorded logprobs were conditioned
+    on exactly the prompt the student is trained on."""
+    counts = Counter(tuple(p) for p in prompts)
+    valid = {key: set(prompt_hashes([list(key)] * n)) for key, n in counts.items()}
+    for row, (ex, prompt) in enumerate(zip(examples, prompts)):
+        recorded = (ex.meta or {}).get("prompt_hash")
+        if recorded is not None and recorded not in valid[tuple(prompt)]:
+            raise ConfigError(f"{what}: row {row + 1}'s prompt_hash is not the hash of its prompt as the trainer "
+                              "encodes it: the file was generated with another chat template or system prompt; set "
+                              "data.system_prompt / data.chat_template to opdx.generate's --system-prompt / "
+                              "--chat-template")
+
+
 class FileTeacher:
     """``FileTeacher(examples, prompts, responses, vocab=, topk=)``: the recorded signals of ``examples`` (the
     data.train records) whose encoded ``prompts`` / ``responses`` are the trainer's training sequences."""
@@ -48,6 +66,7 @@ class FileTeacher:
                  topk: int, what: str = "data.train"):
         self.topk = int(topk)
         self.signals: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        _check_prompt_hashes(examples, prompts, what)
         for row, (ex, prompt, response) in enumerate(zip(examples, prompts, responses)):
             if not {"topk_ids", "topk_logprobs"} <= set(ex.meta or {}):
                 raise ConfigError(f"{what}: row {row + 1} has no topk_ids / topk_logprobs: teacher.source=file needs "
