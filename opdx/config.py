@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opdx.config_checks import OPTIM_IMPLS, SECTION_RULES
+from opdx.config_eval import EvalConfig
 from opdx.config_log import LogConfig
 from opdx.errors import ConfigError
 
@@ -170,21 +171,6 @@ class DeepSpeedConfig:
     # ZeRO-3: parameters with at most this many elements are not partitioned (DeepSpeed's
     # stage3_param_persistence_threshold); -1 = DeepSpeed's default (1e5), 0 = partition every parameter
     param_persistence_threshold: int = -1
-
-
-@dataclass
-class EvalConfig:
-    every: int = 15  # 0 = only at step 0 and at the end
-    num_prompts: int = 16  # held-out prompts evaluated (from data.eval)
-    batch_size: int = 16  # per rank
-    max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
-    temperature: float = 1.0  # sampling temperature of the student's eval samples
-    seed: int = 1234  # sampling seed of the eval (the same samples at every eval)
-    task: bool = True  # greedy task accuracy on the eval records that have an "answer" (opdx.data_eval)
-    # scorers of those greedy completions, logged as eval_<name> (opdx.eval_metrics): exact_match (logged as
-    # eval_task_accuracy) | regex:<pattern with a capture group> | python:module:function; [name=]spec names one
-    metrics: list = field(default_factory=lambda: ["exact_match"])
-    at_start: bool = True  # evaluate the initial student at step 0
 
 
 @dataclass

@@ -201,9 +201,18 @@ def _metrics_error(specs) -> str | None:
 
 
 def eval_log_rules(cfg) -> Rules:
-    """eval.metrics (each spec parses, python callables import) and log.completions."""
+    """eval.metrics (each spec parses, python callables import), eval.lm_eval and log.completions."""
     error = _metrics_error(cfg.eval.metrics)
     yield error is None, error
+    lm = cfg.eval.lm_eval
+    yield (lm.every >= 0 and lm.limit >= 0 and lm.batch_size >= 1,
+           f"eval.lm_eval.every and .limit must be >= 0 (0 = at every eval / every example) and .batch_size >= 1, got "
+           f"{lm.every}, {lm.limit} and {lm.batch_size}")
+    yield (all(isinstance(x, str) and x.strip() for x in lm.tasks),
+           f"eval.lm_eval.tasks must list lm-eval task names, e.g. [hellaswag, arc_easy], got {list(lm.tasks)}")
+    yield (not (lm.tasks and cfg.model.lora and cfg.deepspeed.zero_stage == 3),
+           "eval.lm_eval with model.lora=true under deepspeed.zero_stage=3 is not supported (the sharded adapter "
+           "model is not gathered for it): use deepspeed.zero_stage<=2, or unset eval.lm_eval.tasks")
     comp = cfg.log.completions
     yield (comp.every >= 0,
            f"log.completions.every must be >= 0 (log at the evals whose step is a multiple of it; 0 = at every eval), "

@@ -21,6 +21,7 @@ from opdx.eval_metrics import parse_metric_specs
 from opdx.train import xtok_scoring
 from opdx.train.checkpoint import load_checkpoint, newest_checkpoint
 from opdx.train.distributed import barrier, rank, world
+from opdx.train.harness import import_lm_eval
 from opdx.train.objectives import Objective, make_objective
 from opdx.train.optimizer import init_engine
 from opdx.train.scoring import base_model
@@ -287,6 +288,8 @@ def prepare_data(cfg: Config, train_examples, eval_examples) -> Data:
 
 def check_runtime(cfg: Config) -> None:
     """What the config needs from this environment, checked before any process group or weights."""
+    if cfg.eval.lm_eval.tasks:
+        import_lm_eval(cfg)
     if cfg.rollout.engine == "vllm":
         try:
             import vllm  # noqa: F401

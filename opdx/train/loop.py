@@ -21,6 +21,7 @@ from opdx.train.build import Trainer, build
 from opdx.train.checkpoint import save_checkpoint, save_final
 from opdx.train.distributed import all_reduce_sum, barrier, destroy, rank, single_process_env, world
 from opdx.train.evaluate import eval_record
+from opdx.train.harness import lm_eval_due, run_lm_eval
 from opdx.train.logging import Logger, Progress, SourcesLog, clock, timed, write_summary
 from opdx.train.objectives import rollout_mismatch_sums, teacher_signal
 from opdx.train.sources import draw_source_synced, make_sequences, step_seed
@@ -148,9 +149,11 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
 
 
 def evaluate_and_log(t: Trainer, logger: Logger, step: int) -> None:
-    """One held-out evaluation: its metrics record, its completions log (log.completions), and the warning when the
-    held-out reverse KL has risen at two evals in a row."""
+    """One held-out evaluation: its metrics record (with eval.lm_eval's results when due), its completions log
+    (log.completions), and the warning when the held-out reverse KL has risen at two evals in a row."""
     record, completions = eval_record(t, step)
+    if lm_eval_due(t.cfg, step):  # eval.lm_eval: the harness on the live student (rank 0)
+        record.update(run_lm_eval(t.cfg, t.engine, t.data.tokenizer))
     logger.log(record)
     if completions is not None:
         logger.log_completions(completions)
