@@ -114,12 +114,11 @@ def _by_hand(model, tok, docs) -> float:
     return right / len(docs)
 
 
-def test_real_lm_eval_tiny_local_task(student, tmp_path):
-    pytest.importorskip("lm_eval", reason="lm-eval is not installed (the [eval] extra)")
-    model, tok = student
+def _write_task(tmp_path, n: int = 6) -> list[dict]:
+    """A multiple-choice task from a local JSONL file (no downloads) in tmp_path/tasks; returns its documents."""
     words = ["blue", "seven quick", "paris", "sleep", "number write", "color", "apple", "river"]
-    docs = [{"question": f"apple river {w}?", "choices": [words[(i + 3 * j) % 8] for j in range(3)], "label": i % 3}
-            for i, w in enumerate(["one", "two", "three", "four", "five", "six"])]  # the tiny model's picks vary
+    docs = [{"question": f"apple river {i}?", "choices": [words[(i + 3 * j) % 8] for j in range(3)], "label": i % 3}
+            for i in range(n)]  # the tiny model's picks vary
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "tasks").mkdir()
@@ -127,8 +126,44 @@ def test_real_lm_eval_tiny_local_task(student, tmp_path):
         "task: opdx_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{{{question}}}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n")
+    return docs
+
+
+def test_real_lm_eval_tiny_local_task(student, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (the [eval] extra)")
+    model, tok = student
+    docs = _write_task(tmp_path)
     cfg = _cfg("eval.lm_eval.tasks=[opdx_tiny_mc]", "eval.lm_eval.limit=5",
                f"eval.lm_eval.include_path={tmp_path / 'tasks'}")
     out = run_lm_eval(cfg, types.SimpleNamespace(module=model), tok)
     assert set(out) >= {"lm_eval/opdx_tiny_mc/acc"}
     assert out["lm_eval/opdx_tiny_mc/acc"] == pytest.approx(_by_hand(model, tok, docs[:5]))
+
+
+def test_trainer_runs_lm_eval_zero3(tmp_path):
+    """A 2-process ZeRO-3 run: the eval at the last step logs the harness's accuracy of the consolidated student,
+    equal to the same accuracy of the saved final model computed by hand."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (the [eval] extra)")
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from opdx.models import load_causal_lm, load_tokenizer
+    from tests.test_train import ROOT, TINY, _cmd, _env, metrics
+    from tests.tiny_models import write_prompts
+
+    teacher, s_dir = make_tiny_pair(str(tmp_path / "models"))
+    docs = _write_task(tmp_path)
+    out = tmp_path / "run"
+    args = ["model.source=path", f"model.path={s_dir}", f"teacher.path={teacher}",
+            f"data.train={write_prompts(str(tmp_path / 'p.jsonl'), 8)}", f"train.output_dir={out}",
+            "train.max_steps=1", "deepspeed.zero_stage=3", "eval.at_start=false", "log.plot=false",
+            "eval.lm_eval.tasks=[opdx_tiny_mc]", f"eval.lm_eval.include_path={tmp_path / 'tasks'}"]
+    env = _env()
+    env["PYTHONPATH"] += os.pathsep + str(Path(lm_eval.__file__).resolve().parent.parent)
+    p = subprocess.run(_cmd(2, args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    ev = [r for r in metrics(out) if "lm_eval/opdx_tiny_mc/acc" in r]
+    assert [r["step"] for r in ev] == [1]
+    final = load_causal_lm(str(out / "final"), dtype="float32", device="cpu")
+    assert ev[0]["lm_eval/opdx_tiny_mc/acc"] == pytest.approx(_by_hand(final, load_tokenizer(s_dir), docs))
