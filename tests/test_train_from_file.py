@@ -160,3 +160,20 @@ def test_file_teacher_errors(tiny, tmp_path, capsys, monkeypatch):
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # every error came before any process group or model weights
+
+
+def test_mixed_lambda_with_a_live_teacher(tiny, tmp_path):
+    """λ = 0.5 with the file as the teacher's samples: student rollouts and file sequences, both scored live."""
+    from opdx.train.sources import draw_source
+
+    out = tmp_path / "mixed"
+    args = ["model.source=path", f"model.path={tiny['student']}", f"teacher.path={tiny['teacher']}",
+            f"data.train={tiny['train']}", f"data.eval={tiny['eval']}", f"train.output_dir={out}", "loss.kind=topk",
+            f"loss.topk={K}", "loss.lmbda=0.5", "loss.seq_kd=true", "train.max_steps=4", "eval.at_start=false",
+            "log.plot=false", "save.every=0"]
+    p = subprocess.run(_cmd(2, args), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    train = [r for r in metrics(out) if "loss" in r]
+    assert [r["source"] for r in train] == [draw_source(0.5, True, 0, s, 0) for s in range(1, 5)]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert any("eval_reverse_kl" in r for r in metrics(out))  # a live teacher scores the held-out samples
