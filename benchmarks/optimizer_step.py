@@ -27,9 +27,9 @@ from common import measure, record
 from train_step import QUIET, ROOT, SHAPES, run_opdx, summarize
 
 DEMO = ROOT / "examples" / "configs" / "demo.yaml"
-# the issue-17 demo row: GJSD β=0.5, batch 4, exactly 32 new tokens per rollout
-DEMO_OVERRIDES = ["loss.kind=gjsd", "loss.beta=0.5", "train.micro_batch_size=4", "rollout.max_new_tokens=32",
-                  "rollout.min_new_tokens=32"]
+# the issue-17 demo row: the 10-layer student, on-policy GJSD β=0.5, batch 4, exactly 32 new tokens per rollout
+DEMO_OVERRIDES = ["model.student_layers=10", "loss.kind=gjsd", "loss.beta=0.5", "loss.lmbda=1.0",
+                  "train.micro_batch_size=4", "rollout.max_new_tokens=32", "rollout.min_new_tokens=32"]
 
 LAYOUTS = {  # name -> (SHAPES entry, layers, vocab)
     "50m": ("qwen2.5-0.5b", 2, 24576),  # 52M parameters, the 0.5B's layer shapes

@@ -1,5 +1,5 @@
-"""On-policy vs off-policy distillation on the embedded demo pair (SmolLM2-135M-Instruct teacher, its 10-layer
-pruned copy as the student): the central claim of GKD / on-policy distillation, measured with opdx.train.
+"""On-policy vs off-policy distillation on the embedded demo pair (SmolLM2-135M-Instruct teacher, its copy pruned to
+24 of 30 layers as the student, --student-layers): the central claim of GKD / on-policy distillation, measured with opdx.train.
 
 Every run gets the same budget of teacher-scored tokens (`train.max_tokens`), the same prompts, optimizer and
 constant learning rate; only the data source and the loss change:
@@ -11,6 +11,8 @@ constant learning rate; only the data source and the loss change:
     topk64_tail   on-policy  (lmbda=1)  the same with the tail bucket log(1 - sum_K p) as a 65th entry
     kd_seq        off-policy (lmbda=0)  the same JSD beta=0.5 on teacher-generated responses (seq_kd)
     sft_seq       off-policy (lmbda=0)  cross-entropy on the same teacher-generated responses
+    gkd_mix       mixed      (lmbda=0.5) the demo's recipe: JSD beta=0.5, half the batches on the teacher's
+                                         pre-generated answers (examples/data/teacher_train.jsonl)
 
 Held-out metrics (opdx.train.evaluate.evaluate, on examples/data/prompts_eval.jsonl): teacher-scored reverse KL of student
 samples, top-1 agreement with the teacher on those samples, and greedy task accuracy on the checkable prompts. The
@@ -19,6 +21,8 @@ initial student and the teacher itself are evaluated once as references.
     python examples/study.py                                # the whole grid (7 arms x 3 seeds)
     python examples/study.py --arms opd kd_seq --seeds 0    # a subset
     python examples/study.py --plot-only                    # re-render results/ from the finished runs
+    python examples/study.py --task short --out results/short --arms gjsd_b0.5 opd --student-layers 28 --lr 1e-4
+                                   # the short-answer, small-batch stability check (checkable prompts, batch 4)
 
 Runs land in results/study_runs/<arm>_s<seed>/ (a finished run is never repeated: rerun the command after a crash
 to continue the grid); results/study.csv (every eval point), results/study_summary.md (final metrics, mean ± std
@@ -50,15 +54,40 @@ ARMS: dict[str, tuple[str, list[str]]] = {  # name -> (data source, overrides)
                                   "loss.lmbda=1"]),
     "kd_seq": ("teacher-generated", ["loss.kind=gjsd", "loss.beta=0.5", "loss.lmbda=0", "loss.seq_kd=true"]),
     "sft_seq": ("teacher-generated", ["loss.kind=sft", "loss.lmbda=0", "loss.seq_kd=true"]),
+    "gkd_mix": ("mixed", ["loss.kind=gjsd", "loss.beta=0.5", "loss.lmbda=0.5",
+                          "data.train=examples/data/teacher_train.jsonl"]),
 }
 METRICS = [("eval_reverse_kl", "held-out reverse KL (k1) ↓"), ("eval_top1_agreement", "top-1 agreement ↑"),
            ("eval_task_accuracy", "task accuracy (greedy) ↑")]
 QUIET = ["save.final=false", "log.tensorboard=false", "log.plot=false", "log.progress=false"]
 
 
+# --task short: only the checkable prompts (answers of a few tokens: a number, a word), 4 sequences per step and
+# 16-token rollouts: the small-batch, short-answer regime where full fine-tuning is most easily destabilized
+SHORT = ["rollout.max_new_tokens=16", "train.micro_batch_size=2", "eval.num_prompts=30"]
+
+
+def short_data(out: Path) -> list[str]:
+    """Writes the checkable-only prompt files (records with an "answer") under ``out``; their overrides."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in ("train", "eval"):
+        src = ROOT / "examples" / "data" / f"prompts_{split}.jsonl"
+        rows = [ln for ln in src.read_text().splitlines() if ln.strip() and json.loads(ln).get("answer") is not None]
+        files[split] = out / f"short_{split}.jsonl"
+        files[split].write_text("\n".join(rows) + "\n")
+    return [f"data.train={files['train']}", f"data.eval={files['eval']}", *SHORT]
+
+
+def task_overrides(args) -> list[str]:
+    """The prompts and the student every run of the grid (and the two references) share."""
+    task = short_data(Path(args.out) / "study_runs" / "_short_data") if args.task == "short" else []
+    return [*task, f"model.student_layers={args.student_layers}"]
+
+
 def common_overrides(args) -> list[str]:
-    return [f"train.max_tokens={args.max_tokens}", "train.max_steps=100000", f"optim.lr={args.lr}",
-            "optim.min_lr_ratio=1.0", "optim.warmup_steps=2", f"eval.every={args.eval_every}",
+    return [*task_overrides(args), f"train.max_tokens={args.max_tokens}", "train.max_steps=100000",
+            f"optim.lr={args.lr}", "optim.min_lr_ratio=1.0", "optim.warmup_steps=2", f"eval.every={args.eval_every}",
             "eval.at_start=false", *QUIET]
 
 
@@ -146,7 +175,7 @@ def final_table(rows: list[dict], refs: dict, arms: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], refs: dict, arms: list[str], path: Path) -> None:
+def plot(rows: list[dict], refs: dict, arms: list[str], path: Path, layers: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,8 +205,8 @@ def plot(rows: list[dict], refs: dict, arms: list[str], path: Path) -> None:
         ax.set_xlabel("teacher-scored training tokens")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("opdx study: SmolLM2-135M-Instruct -> 10-layer student (mean ± std over seeds; dashed = off-policy)",
-                 fontsize=10)
+    fig.suptitle(f"opdx study: SmolLM2-135M-Instruct -> {layers}-layer student (mean ± std over seeds; dashed = "
+                 "off-policy)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -189,6 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-tokens", type=int, default=2048, help="teacher-scored tokens per run")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--student-layers", type=int, default=24, help="layers of the pruned demo student (of 30)")
+    p.add_argument("--task", choices=["open", "short"], default="open",
+                   help="open: the shipped prompts; short: only the checkable ones (a few answer tokens)")
     p.add_argument("--eval-every", type=int, default=4, help="steps between held-out evals")
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --nproc_per_node)")
     p.add_argument("--port", type=int, default=29631)
@@ -203,7 +235,7 @@ def main(argv=None) -> int:
         from tqdm import tqdm
 
         teacher_dir = Path(os.path.expanduser("~/.cache/opdx/teacher"))
-        jobs = [("initial", ["train.max_steps=0", "eval.at_start=true", *QUIET])]
+        jobs = [("initial", ["train.max_steps=0", "eval.at_start=true", *QUIET, *task_overrides(args)])]
         jobs += [(f"{arm}_s{seed}", [*ARMS[arm][1], f"train.seed={seed}", *common_overrides(args)])
                  for seed in args.seeds for arm in args.arms]
         bar = tqdm(total=len(jobs) + 1, desc="study", dynamic_ncols=True)
@@ -216,7 +248,8 @@ def main(argv=None) -> int:
                 bar.set_postfix_str("teacher")
                 run_train(runs / "teacher", ["model.source=path", f"model.path={teacher_dir}",
                                              f"teacher.path={teacher_dir}", "train.max_steps=0",
-                                             "eval.at_start=true", *QUIET], args.nproc, args.port)
+                                             "eval.at_start=true", *QUIET, *task_overrides(args)], args.nproc,
+                                            args.port)
                 bar.update(1)
         bar.close()
         print(f"study: {len(jobs) + 1} runs done in {time.time() - t0:.0f} s", flush=True)
@@ -230,7 +263,7 @@ def main(argv=None) -> int:
     (out / "study_summary.md").write_text(
         f"Final held-out metrics after {args.max_tokens} teacher-scored tokens per run (mean ± std over seeds "
         f"{args.seeds}); `python examples/study.py`.\n\n" + table)
-    plot(rows, refs, args.arms, out / "study.png")
+    plot(rows, refs, args.arms, out / "study.png", args.student_layers)
     print(table)
     print(f"study: wrote {out / 'study.csv'}, {out / 'study_summary.md'}, {out / 'study.png'}")
     return 0

@@ -31,7 +31,7 @@ class ModelConfig:
     # sequence with restarting position_ids (opdx.packing); generation stays padded
     packed: bool = False
     gradient_checkpointing: bool = False  # recompute the student's activations in backward (less memory)
-    student_layers: int = 10  # demo: layers kept in the pruned student
+    student_layers: int = 24  # demo: layers kept in the pruned student (of 30)
     cache_dir: str = ""  # demo/tiny model cache ("" = ~/.cache/opdx or output_dir/models for tiny)
     lora: bool = False  # peft LoRA; save.final writes the adapter (final/adapter) and the merged model (final/)
     lora_r: int = 16  # LoRA rank
@@ -68,7 +68,7 @@ class TeacherConfig:
 class RolloutConfig:
     engine: str = "hf"  # hf (transformers generate on the live student) | vllm (opdx.rollout.vllm, docs/rollouts.md)
     mode: str = "colocate"  # vllm: colocate (a vllm.LLM in each training process) | server (external vllm serve)
-    max_new_tokens: int = 64  # tokens generated per rollout at most (student and teacher generation)
+    max_new_tokens: int = 48  # tokens generated per rollout at most (student and teacher generation)
     # student rollouts never stop before this many tokens (EOS suppressed until then); = max_new_tokens gives every
     # rollout the same length (throughput benchmarks: benchmarks/test_train_step.py)
     min_new_tokens: int = 0
@@ -90,12 +90,12 @@ class LossConfig:
     # opd | gjsd | topk | sft (cross-entropy only, on teacher/dataset sequences: lmbda=0) | minillm (same tokenizer,
     # student samples: lmbda=1) | uld | gold (a teacher with another tokenizer, docs/cross-tokenizer.md). topk: any
     # ZeRO stage (the loss runs inside the lm_head's module call), LoRA unless lm_head is in model.lora_target_modules
-    kind: str = "opd"
+    kind: str = "gjsd"
     beta: float = 0.5  # gjsd / topk: 0 = forward KL, 1 = reverse KL
     temperature: float = 1.0  # distillation temperature: both sides' logits are divided by it
     topk: int = 32  # topk: teacher tokens per position (K)
     tail: bool = False  # topk: add the tail bucket log(1 - sum_K p)
-    lmbda: float = 1.0  # probability that the student generates the batch (on-policy)
+    lmbda: float = 0.5  # probability that the student generates the batch (on-policy)
     seq_kd: bool = False  # when the student does not generate: teacher generates (True) or dataset response (False)
     sft_alpha: float = 0.0  # weight of cross-entropy on non-student sequences
     normalize_reward: bool = False  # opd: the normalized REINFORCE of opdx.losses.opd_loss instead of opd_is_loss
@@ -127,7 +127,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "examples/data/prompts_train.jsonl"  # JSONL file or HF dataset directory (load_from_disk)
+    train: str = "examples/data/teacher_train.jsonl"  # JSONL file or HF dataset directory (load_from_disk)
     eval: str = "examples/data/prompts_eval.jsonl"  # held-out prompts (records with an "answer" are task items)
     prompt_field: str = "prompt"  # record field holding the prompt
     response_field: str = "response"  # record field holding the dataset response (seq source, sft)

@@ -7,7 +7,7 @@ from opdx.config import Config, ConfigError, all_keys, load_config
 
 def test_defaults_are_the_demo():
     cfg = load_config()
-    assert cfg.model.source == "demo" and cfg.loss.kind == "opd" and cfg.data.train.endswith("prompts_train.jsonl")
+    assert cfg.model.source == "demo" and cfg.loss.kind == "gjsd" and cfg.data.train.endswith("teacher_train.jsonl")
     assert "loss.beta" in all_keys() and "deepspeed.zero_stage" in all_keys()
     demo = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "demo.yaml")
     assert load_config(demo).to_dict() == cfg.to_dict()  # `torchrun -m opdx.train` == the demo config

