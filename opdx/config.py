@@ -130,7 +130,9 @@ class DataConfig:
     train: str = "examples/data/teacher_train.jsonl"  # JSONL file or HF dataset directory (load_from_disk)
     eval: str = "examples/data/prompts_eval.jsonl"  # held-out prompts (records with an "answer" are task items)
     prompt_field: str = "prompt"  # record field holding the prompt
-    response_field: str = "response"  # record field holding the dataset response (seq source, sft)
+    # record field holding the dataset response (seq source, sft); a record of `opdx.generate` trains its own
+    # response_ids instead (the generated tokens, EOS included when it stopped) when they are the student tokenizer's
+    response_field: str = "response"
     split: str = "train"  # split to use when a path is a DatasetDict
     chat_template: bool = True  # wrap the prompt as a user turn with the tokenizer's chat template
     system_prompt: str = "Answer briefly, in one or two sentences."  # system turn for the chat template ("" = none)
