@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prompt-len", type=int, default=4096, help="longer prompts are an error")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--max-model-len", type=int, default=0, help="vLLM context length (0: the model's)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vLLM: shard one teacher over this many GPUs (run without torchrun: one process drives them)")
     p.add_argument("--split", default="train", help="split of a HF dataset directory")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
@@ -79,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.logprobs < 0:
         p.error(f"--logprobs must be >= 0 (0 = off), got {args.logprobs}")
+    if args.tensor_parallel_size < 1:
+        p.error(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    if args.tensor_parallel_size > 1 and (args.engine == "hf" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        p.error("--tensor-parallel-size > 1 shards one vLLM engine: use --engine vllm (or auto) in a single process, "
+                "not under torchrun (torchrun is the data-parallel mode)")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error(f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     return args
@@ -143,8 +150,12 @@ def build_rollout(args, engine: str, tok, *, eos_ids, pad_id, device):
         rollout = VLLMColocateRollout(args.model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, top_p=args.top_p, dtype=args.dtype,
                                       gpu_memory_utilization=0.9, seed=args.seed, vocab_size=vocab,
-                                      top_logprobs=args.logprobs, max_model_len=args.max_model_len or None)
+                                      top_logprobs=args.logprobs, max_model_len=args.max_model_len or None,
+                                      tensor_parallel_size=args.tensor_parallel_size)
         return rollout
+    if args.tensor_parallel_size > 1:
+        raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size} needs the vLLM engine, and vLLM is not "
+                          "importable here: install it (the [vllm] extra) or use torchrun for data parallelism")
     from opdx.models import load_causal_lm
     from opdx.rollout.hf import HFRollout
 

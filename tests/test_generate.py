@@ -237,3 +237,21 @@ def test_auto_engine_falls_back_to_hf_with_a_note(tiny, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "vLLM is not importable" in err and "(--engine hf)" in err and "engine hf" in err
     assert len(_read(out)) == 10
+
+
+def test_tensor_parallel_needs_vllm_in_one_process(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "tp.jsonl"
+    for extra, env, fragment in ((["--tensor-parallel-size", "0"], {}, "must be >= 1"),
+                                 (["--tensor-parallel-size", "2"], {}, "use --engine vllm"),  # _gen uses --engine hf
+                                 (["--tensor-parallel-size", "2"], {"WORLD_SIZE": "2"}, "not under torchrun")):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as exc:
+            main(_gen(tiny, out, *extra))
+        assert exc.value.code == 2 and fragment in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # auto falls back to HF, which cannot shard
+    argv = _gen(tiny, out, "--tensor-parallel-size", "2", n=1)
+    argv[argv.index("--engine") + 1] = "auto"
+    assert main(argv) == 2
+    assert "needs the vLLM engine" in capsys.readouterr().err and not out.exists()
