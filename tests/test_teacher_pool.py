@@ -183,13 +183,18 @@ def test_max_logprobs_checked_on_every_server(two):
 
 
 # ------------------------------------------------------------------------------------------ config keys
+def _server_config(*overrides):
+    """A server teacher needs a kind it can serve (the default, gjsd, needs full logits)."""
+    return load_config(None, ["loss.kind=opd", *overrides])
+
+
 def test_config_server_urls():
-    cfg = load_config(None, ["teacher.server_urls=[http://127.0.0.1:8001,http://127.0.0.1:8002]"])
+    cfg = _server_config("teacher.server_urls=[http://127.0.0.1:8001,http://127.0.0.1:8002]")
     assert cfg.teacher.servers() == ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
-    cfg = load_config(None, ["teacher.server_urls=http://a:1,http://b:2"])
+    cfg = _server_config("teacher.server_urls=http://a:1,http://b:2")
     assert cfg.teacher.servers() == ["http://a:1", "http://b:2"]
-    assert load_config(None, ["teacher.server_url=http://a:1"]).teacher.servers() == ["http://a:1"]
-    assert load_config(None, ["teacher.server_url=http://a:1", "teacher.server_urls=[http://a:1]"]).teacher.servers() \
+    assert _server_config("teacher.server_url=http://a:1").teacher.servers() == ["http://a:1"]
+    assert _server_config("teacher.server_url=http://a:1", "teacher.server_urls=[http://a:1]").teacher.servers() \
         == ["http://a:1"]
     assert load_config(None, []).teacher.servers() == []
 
@@ -203,7 +208,7 @@ def test_config_server_urls():
 ])
 def test_config_server_urls_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides)
+        _server_config(*overrides)
 
 
 # ------------------------------------------------------------------------------------------ in the trainer
