@@ -1,5 +1,6 @@
 """On-policy vs off-policy distillation on the embedded demo pair (SmolLM2-135M-Instruct teacher, its copy pruned to
-24 of 30 layers as the student, --student-layers): the central claim of GKD / on-policy distillation, measured with opdx.train.
+24 of 30 layers as the student, --student-layers): the central claim of GKD / on-policy distillation, measured
+with opdx.train.
 
 Every run gets the same budget of teacher-scored tokens (`train.max_tokens`), the same prompts, optimizer and
 constant learning rate; only the data source and the loss change:
@@ -85,8 +86,8 @@ def task_overrides(args) -> list[str]:
     return [*task, f"model.student_layers={args.student_layers}"]
 
 
-def common_overrides(args) -> list[str]:
-    return [*task_overrides(args), f"train.max_tokens={args.max_tokens}", "train.max_steps=100000",
+def common_overrides(args, task: list[str]) -> list[str]:
+    return [*task, f"train.max_tokens={args.max_tokens}", "train.max_steps=100000",
             f"optim.lr={args.lr}", "optim.min_lr_ratio=1.0", "optim.warmup_steps=2", f"eval.every={args.eval_every}",
             "eval.at_start=false", *QUIET]
 
@@ -235,8 +236,9 @@ def main(argv=None) -> int:
         from tqdm import tqdm
 
         teacher_dir = Path(os.path.expanduser("~/.cache/opdx/teacher"))
-        jobs = [("initial", ["train.max_steps=0", "eval.at_start=true", *QUIET, *task_overrides(args)])]
-        jobs += [(f"{arm}_s{seed}", [*ARMS[arm][1], f"train.seed={seed}", *common_overrides(args)])
+        task = task_overrides(args)  # writes the --task short prompt files once
+        jobs = [("initial", ["train.max_steps=0", "eval.at_start=true", *QUIET, *task])]
+        jobs += [(f"{arm}_s{seed}", [*ARMS[arm][1], f"train.seed={seed}", *common_overrides(args, task)])
                  for seed in args.seeds for arm in args.arms]
         bar = tqdm(total=len(jobs) + 1, desc="study", dynamic_ncols=True)
         t0 = time.time()
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
                 bar.set_postfix_str("teacher")
                 run_train(runs / "teacher", ["model.source=path", f"model.path={teacher_dir}",
                                              f"teacher.path={teacher_dir}", "train.max_steps=0",
-                                             "eval.at_start=true", *QUIET, *task_overrides(args)], args.nproc,
+                                             "eval.at_start=true", *QUIET, *task], args.nproc,
                                             args.port)
                 bar.update(1)
         bar.close()

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from opdx.config import ModelConfig
+
 from .loading import load_causal_lm, load_tokenizer
 from .prune import _even_indices, prune_layers
 
@@ -229,7 +231,7 @@ def _convert_gguf(gguf: Path, out_dir: Path, progress: bool) -> None:
     _log(progress, f"conversion done in {time.perf_counter() - t0:.1f}s")
 
 
-def ensure_demo_models(cache_dir: str | os.PathLike | None = None, *, student_layers: int = 24,
+def ensure_demo_models(cache_dir: str | os.PathLike | None = None, *, student_layers: int = ModelConfig.student_layers,
                        progress: bool = True) -> tuple[str, str]:
     """Makes sure the demo teacher and student exist in the cache and returns (teacher_dir, student_dir).
 

@@ -13,14 +13,19 @@ def _gather_dot_fake(hidden, weight, bias, ids, inv_temperature, deterministic):
     return hidden.new_empty(ids.shape, dtype=_acc_dtype(hidden.dtype))
 
 
-@torch.library.register_fake("opdx::topk_gather_dot_bwd")
-def _gather_dot_bwd_fake(grad_z, hidden, weight, ids, inv_temperature, has_bias, deterministic, acc_out):
+def _head_grads_fake(hidden, weight, has_bias: bool, acc_out: bool):
+    """(grad hidden, grad weight, grad bias or an empty tensor) of an lm_head backward, fp32 with ``acc_out``."""
     dtype = _acc_dtype(hidden.dtype) if acc_out else hidden.dtype
     return (
         hidden.new_empty(hidden.shape, dtype=dtype),
         weight.new_empty(weight.shape, dtype=dtype),
         weight.new_empty(weight.shape[0] if has_bias else 0, dtype=dtype),
     )
+
+
+@torch.library.register_fake("opdx::topk_gather_dot_bwd")
+def _gather_dot_bwd_fake(grad_z, hidden, weight, ids, inv_temperature, has_bias, deterministic, acc_out):
+    return _head_grads_fake(hidden, weight, has_bias, acc_out)
 
 
 @torch.library.register_fake("opdx::topk_gjsd")
@@ -36,12 +41,7 @@ def _vocab_lse_fake(hidden, weight, bias, inv_temperature, vocab_tile):
 
 @torch.library.register_fake("opdx::topk_vocab_lse_bwd")
 def _vocab_lse_bwd_fake(grad_lse, hidden, weight, bias, lse, inv_temperature, vocab_tile, acc_out):
-    dtype = _acc_dtype(hidden.dtype) if acc_out else hidden.dtype
-    return (
-        hidden.new_empty(hidden.shape, dtype=dtype),
-        weight.new_empty(weight.shape, dtype=dtype),
-        weight.new_empty(weight.shape[0] if bias is not None else 0, dtype=dtype),
-    )
+    return _head_grads_fake(hidden, weight, bias is not None, acc_out)
 
 
 @torch.library.register_fake("opdx::topk_logits_tail")

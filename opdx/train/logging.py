@@ -146,7 +146,8 @@ def write_summary(cfg: Config, logger: Logger, last: dict, *, start_step: int, t
     if rank() != 0:
         return {}
     out_dir = Path(cfg.train.output_dir)
-    ev = [r for r in logger.rows() if "eval_reverse_kl" in r]
+    rows = logger.rows()
+    ev = [r for r in rows if "eval_reverse_kl" in r]
     summary = {"steps": last.get("step", start_step), "teacher_tokens": teacher_tokens, "wall_s": round(wall_s, 1),
                "setup_s": round(setup_s, 1)}
     if ev:
@@ -155,7 +156,7 @@ def write_summary(cfg: Config, logger: Logger, last: dict, *, start_step: int, t
                        eval_reverse_kl_ratio=lastev / first if first else float("nan"))
     if last:
         summary.update(final_loss=last["loss"])
-        kl = [r["reverse_kl"] for r in logger.rows() if "reverse_kl" in r]
+        kl = [r["reverse_kl"] for r in rows if "reverse_kl" in r]
         if kl:
             summary["final_reverse_kl"] = kl[-1]
     if cfg.log.plot:
