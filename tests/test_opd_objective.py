@@ -194,3 +194,21 @@ def test_eval_greedy_quality_metrics_and_teacher_reference(models):
         .generate(prompts, seed=0, temperature=0.0).completions()
     assert ref["eval_teacher_response_len"] == pytest.approx(completion_stats(t_greedy, eos)["response_len"])
     assert set(ref) == {"eval_teacher_response_len", "eval_teacher_stop_rate", "eval_teacher_repeat_frac"}
+
+
+def test_eval_generates_each_distinct_greedy_prompt_once():
+    """The task records and the held-out quality prompts overlap: one greedy generation per distinct prompt, each
+    list's completions in its own order."""
+    from opdx.train.evaluate import _greedy_once
+
+    calls = []
+
+    def generate(prompts):
+        calls.append([list(p) for p in prompts])
+        return [[sum(p)] for p in prompts]
+
+    task, quality = [[1, 2], [3], [4, 5]], [[3], [6], [1, 2]]
+    done_task, done_quality = _greedy_once(generate, [task, quality])
+    assert calls == [[[1, 2], [3], [4, 5], [6]]]
+    assert done_task == [[3], [3], [9]] and done_quality == [[3], [6], [3]]
+    assert _greedy_once(generate, [[], []]) == [[], []] and len(calls) == 1

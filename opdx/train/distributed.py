@@ -54,6 +54,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def all_reduce_max(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.cpu()[0])
+
+
 def destroy() -> None:
     """Tear the process group down before interpreter exit: a communicator thread still alive during static
     destruction aborts the process ("terminate called without an active exception") after a finished run."""

@@ -12,7 +12,7 @@ from opdx.config_checks import CROSS_TOKENIZER_KINDS
 from opdx.data import build_batch
 from opdx.eval_metrics import parse_metric_specs, score_sums
 from opdx.ops import token_logprobs
-from opdx.train.distributed import all_reduce_sum, rank, world
+from opdx.train.distributed import all_reduce_max, all_reduce_sum, rank, world
 from opdx.train.objectives import SignalSpec, teacher_signal, token_stats
 from opdx.train.scoring import completion_keep, student_logits
 from opdx.train.sources import step_seed
@@ -90,18 +90,37 @@ def _greedy(rollout, prompts, *, bs: int, seed: int, max_new: int) -> list[list[
     return out
 
 
-def _task_sums(metrics, generate, task, *, tokenizer) -> list[float]:
-    """[score sum, scored count] per metric (opdx.eval_metrics.score_sums) of the greedy answers (``generate(prompts)
-    -> completions``) to this rank's share of the scored eval records, ``task``'s (prompt ids, prompt text, record)
-    triples. Every rank runs the same number of generate calls (ZeRO-3 gathers stay matched); padding rows are not
-    scored."""
+def _task_share(task) -> list[tuple[tuple, bool]]:
+    """This rank's share of the scored eval records (``task``: (prompt ids, prompt text, record) triples) as (item,
+    real) pairs; every rank gets the same count, padded with unscored copies of the first record."""
     task = list(task)
     if not task:
-        return [0.0] * (2 * len(metrics))
+        return []
     per_rank = -(-len(task) // world())
-    mine = [(task[i], True) if i < len(task) else (task[0], False)
+    return [(task[i], True) if i < len(task) else (task[0], False)
             for i in (rank() + world() * j for j in range(per_rank))]
-    scored = [(item, ids) for (item, real), ids in zip(mine, generate([item[0] for item, _ in mine])) if real]
+
+
+def _greedy_once(generate, prompt_lists: list[list]) -> list[list]:
+    """The greedy completions of every list in ``prompt_lists``, each distinct prompt generated once (the task records
+    and the held-out quality prompts overlap); every rank makes the same number of generate calls (ZeRO-3 gathers and
+    synced generation stay matched), padding with repeats of its first prompt."""
+    unique: dict[tuple, int] = {}
+    for prompt in (p for prompts in prompt_lists for p in prompts):
+        unique.setdefault(tuple(prompt), len(unique))
+    keys = [list(k) for k in unique]
+    count = all_reduce_max(len(keys))  # every rank's lists have equal lengths: none is empty while another is not
+    keys += keys[:1] * (count - len(keys))
+    done = generate(keys) if count else []
+    return [[done[unique[tuple(p)]] for p in prompts] for prompts in prompt_lists]
+
+
+def _task_sums(metrics, share, completions, *, tokenizer) -> list[float]:
+    """[score sum, scored count] per metric (opdx.eval_metrics.score_sums) of the greedy ``completions`` of this
+    rank's ``share`` of the scored records (`_task_share`); padding rows are not scored."""
+    if not share:
+        return [0.0] * (2 * len(metrics))
+    scored = [(item, ids) for (item, real), ids in zip(share, completions) if real]
     return score_sums(metrics, [text for (_, text, _), _ in scored],
                       [tokenizer.decode(ids, skip_special_tokens=True) for _, ids in scored],
                       [record for (_, _, record), _ in scored])
@@ -171,9 +190,9 @@ def evaluate(cfg: Config, rollout, teacher, student, eval_prompts, *, vocab, pad
     def generate(prompts):
         return _greedy(rollout, prompts, bs=bs, seed=cfg.eval.seed, max_new=max_new)
 
-    metrics = parse_metric_specs(cfg.eval.metrics)
-    tk = _task_sums(metrics, generate, task, tokenizer=tokenizer)
-    greedy = generate(mine) if eos_ids is not None else []
+    metrics, share = parse_metric_specs(cfg.eval.metrics), _task_share(task)
+    task_done, greedy = _greedy_once(generate, [[item[0] for item, _ in share], mine if eos_ids is not None else []])
+    tk = _task_sums(metrics, share, task_done, tokenizer=tokenizer)
     if was_training:
         student.train()
     k1_sum, k3_sum, count, resp, seqs, agree, *rest = all_reduce_sum(kl + tk + _quality_sums(greedy, eos_ids))
@@ -213,9 +232,9 @@ def teacher_reference(cfg: Config, teacher, eval_prompts, *, task, tokenizer, eo
             out.extend(rb.completions())
         return out
 
-    metrics = parse_metric_specs(cfg.eval.metrics)
-    tk = _task_sums(metrics, generate, task, tokenizer=tokenizer)
-    greedy = generate(_my_prompts(cfg, eval_prompts))
+    metrics, share = parse_metric_specs(cfg.eval.metrics), _task_share(task)
+    task_done, greedy = _greedy_once(generate, [[item[0] for item, _ in share], _my_prompts(cfg, eval_prompts)])
+    tk = _task_sums(metrics, share, task_done, tokenizer=tokenizer)
     if completions_out is not None:
         completions_out.extend(greedy)
     return _greedy_metrics("eval_teacher_", metrics, all_reduce_sum(tk + _quality_sums(greedy, eos_ids)))
