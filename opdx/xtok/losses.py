@@ -22,15 +22,31 @@ RULES = ("observed", "first")
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """A side whose logits require grad, as `merge_groups` keeps it: the losses gather its log-probs through
+    `opdx.xtok.gathered.gathered_logprobs` (one dense backward pass)."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    groups: torch.Tensor
+    first: torch.Tensor
+    rule: str
+    temperature: float
+
+
+@dataclass(frozen=True)
 class GroupedSide:
     """One side's merged distribution per group: log P_g(v) = first_logits[g, v] − lse[g] + log_scale[g].
 
     first_logits ``[G, V]``: logits / temperature at each group's first token; lse ``[G]``: their logsumexp;
-    log_scale ``[G]``: log of the factor the rule multiplies that distribution by (0 for the "first" rule)."""
+    log_scale ``[G]``: log of the factor the rule multiplies that distribution by (0 for the "first" rule).
+    rows: set by `merge_groups` for logits that require grad; the three tensors are then detached values and the
+    losses take their gradient through `side_logprobs`."""
 
     first_logits: torch.Tensor
     lse: torch.Tensor
     log_scale: torch.Tensor
+    rows: _Rows | None = None
 
 
 def _check_groups(groups: torch.Tensor, num_groups: int, n: int, name: str) -> torch.Tensor:
@@ -93,24 +109,57 @@ def merge_groups(logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tens
                          "pass only the trained completion tokens)")
     from opdx.ops import token_logprobs
 
-    observed = token_logprobs(logits, targets, temperature=temperature)
-    first, log_scale = group_first_and_scale(observed, groups, num_groups, rule=rule, name=name)
-    first_logits = logits.index_select(0, first)
-    if temperature != 1.0:
-        first_logits = first_logits / temperature
-    # lse = x[y] − log p(y): the fused kernel's logsumexp, without another pass (and its backward) over [G, V]
-    observed_logit = first_logits.gather(1, targets.index_select(0, first)[:, None])[:, 0].to(observed.dtype)
-    return GroupedSide(first_logits, observed_logit - observed.index_select(0, first), log_scale)
+    differentiable = logits.requires_grad and torch.is_grad_enabled()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not differentiable):
+        observed = token_logprobs(logits, targets, temperature=temperature)
+        first, log_scale = group_first_and_scale(observed, groups, num_groups, rule=rule, name=name)
+        first_logits = logits.index_select(0, first)
+        if temperature != 1.0:
+            first_logits = first_logits / temperature
+        # lse = x[y] − log p(y): the fused kernel's logsumexp, without another pass (and its backward) over [G, V]
+        observed_logit = first_logits.gather(1, targets.index_select(0, first)[:, None])[:, 0].to(observed.dtype)
+        lse = observed_logit - observed.index_select(0, first)
+    rows = _Rows(logits, targets, groups.to(torch.int64), first, rule, float(temperature)) if differentiable else None
+    return GroupedSide(first_logits, lse, log_scale, rows)
+
+
+def side_logprobs(side: GroupedSide, *, shared_cols: torch.Tensor | None = None,
+                  group_cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shared ``[G, K1]``, grouped ``[G, K2]``, log_scale ``[G]``): the log-probs of each group's first position at
+    the columns ``shared_cols [K1]`` (the same for every group) and ``group_cols [G, K2]``, and the rule's log
+    scale, differentiable in the side's logits (one dense backward pass for a `merge_groups` side)."""
+    lse = side.lse[:, None]
+    device = side.first_logits.device
+    shared_cols = torch.zeros(0, dtype=torch.int64, device=device) if shared_cols is None else shared_cols
+    group_cols = side.first_logits.new_zeros(lse.shape[0], 0, dtype=torch.int64) if group_cols is None else group_cols
+    if side.rows is None:
+        logits = side.first_logits
+        return (logits.index_select(1, shared_cols).to(lse.dtype) - lse,
+                logits.gather(1, group_cols).to(lse.dtype) - lse, side.log_scale)
+    from opdx.xtok.gathered import gathered_logprobs
+
+    r = side.rows
+    observed, shared, grouped = gathered_logprobs(r.logits, r.targets, r.first, shared_cols=shared_cols,
+                                                  group_cols=group_cols, temperature=r.temperature)
+    _, log_scale = group_first_and_scale(observed, r.groups, lse.shape[0], rule=r.rule)
+    return shared, grouped, log_scale
+
+
+def top_columns(side: GroupedSide, top_m: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """``[G, min(top_m, V − |exclude|)]`` the columns of the largest logits of each group's first position,
+    descending, leaving out the columns ``exclude`` (no gradient: the selection)."""
+    with torch.no_grad():
+        logits = side.first_logits.detach()
+        m = min(int(top_m), logits.shape[-1] - (0 if exclude is None else exclude.numel()))
+        if exclude is not None:
+            logits = logits.index_fill(1, exclude, -math.inf)
+        return torch.topk(logits, m, dim=-1).indices
 
 
 def top_log_probs(side: GroupedSide, top_m: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """``[G, min(top_m, V − |exclude|)]`` the largest full-vocabulary log-probs of each group's first position,
     descending, leaving out the columns ``exclude`` (they still count in the normalization)."""
-    logits = side.first_logits
-    m = min(int(top_m), logits.shape[-1] - (0 if exclude is None else exclude.numel()))
-    if exclude is not None:
-        logits = logits.index_fill(1, exclude, -math.inf)
-    return torch.topk(logits, m, dim=-1).values.to(side.lse.dtype) - side.lse[:, None]
+    return side_logprobs(side, group_cols=top_columns(side, top_m, exclude))[1]
 
 
 def sorted_buckets(top_logp: torch.Tensor, log_scale: torch.Tensor, total_mass: torch.Tensor | float = 1.0):
@@ -152,8 +201,8 @@ def uld_per_group(student: GroupedSide, teacher: GroupedSide, *, top_m: int = 64
     _check_pair(student, teacher, top_m)
     with torch.no_grad():
         t_buckets = sorted_buckets(top_log_probs(teacher, top_m), teacher.log_scale)
-    s_buckets = sorted_buckets(top_log_probs(student, top_m), student.log_scale)
-    return uld_distance(s_buckets, t_buckets, p)
+    _, s_top, s_scale = side_logprobs(student, group_cols=top_columns(student, top_m))
+    return uld_distance(sorted_buckets(s_top, s_scale), t_buckets, p)
 
 
 def uld_loss(student: GroupedSide, teacher: GroupedSide, *, top_m: int = 64, p: float = 1.0) -> torch.Tensor:
@@ -162,26 +211,23 @@ def uld_loss(student: GroupedSide, teacher: GroupedSide, *, top_m: int = 64, p: 
     return per_group.mean() if per_group.numel() else per_group.sum()
 
 
-def _matched_terms(student: GroupedSide, teacher: GroupedSide, vocab_map, beta: float):
-    """(GJSD(β) per group over the matched sub-vocabulary renormalized, student matched mass, teacher matched
-    mass) — the rule's scale cancels in the renormalization."""
-    from opdx.ops import generalized_jsd
-
-    s_ids = vocab_map.student_ids.to(student.first_logits.device)
+def _teacher_matched(teacher: GroupedSide, vocab_map, top_m: int):
+    """(matched logits ``[G, |matched|]``, matched mass ``[G]``, unmatched buckets) of the teacher side (no grad)."""
     t_ids = vocab_map.teacher_ids.to(teacher.first_logits.device)
-    s_m = student.first_logits.index_select(1, s_ids)
-    t_m = teacher.first_logits.detach().index_select(1, t_ids).to(s_m.dtype)
-    jsd = generalized_jsd(s_m, t_m, beta=beta)
-    s_mass = (torch.logsumexp(s_m, -1).to(student.lse.dtype) - student.lse).exp()
-    t_mass = (torch.logsumexp(t_m, -1).to(teacher.lse.dtype) - teacher.lse.detach()).exp()
-    return jsd, s_mass, t_mass, s_ids, t_ids
+    with torch.no_grad():
+        t_m = teacher.first_logits.detach().index_select(1, t_ids)
+        t_mass = (torch.logsumexp(t_m, -1).to(teacher.lse.dtype) - teacher.lse).exp()
+        return t_m, t_mass, _unmatched_buckets(teacher, t_ids, t_mass, top_m)
 
 
-def _unmatched_buckets(side: GroupedSide, ids: torch.Tensor, matched_mass, top_m: int) -> torch.Tensor:
+def _unmatched_buckets(side: GroupedSide, ids: torch.Tensor, matched_mass, top_m: int, top=None, log_scale=None):
+    """Sorted buckets of the side's top-M unmatched probabilities plus their tail (``top``/``log_scale`` given: the
+    student's differentiable ones)."""
     if side.first_logits.shape[-1] == ids.numel():  # every token matched: the unmatched part is empty
-        return side.first_logits.new_zeros(side.first_logits.shape[0], 1)
-    top = top_log_probs(side, top_m, exclude=ids)
-    return sorted_buckets(top, side.log_scale, 1.0 - matched_mass)
+        return side.first_logits.new_zeros(side.first_logits.shape[0], 1, dtype=side.lse.dtype)
+    if top is None:
+        top, log_scale = top_log_probs(side, top_m, exclude=ids), side.log_scale
+    return sorted_buckets(top, log_scale, 1.0 - matched_mass)
 
 
 def gold_loss(student: GroupedSide, teacher: GroupedSide, vocab_map, *, beta: float = 0.5, top_m: int = 64,
@@ -201,10 +247,16 @@ def gold_loss(student: GroupedSide, teacher: GroupedSide, vocab_map, *, beta: fl
                          "(use uld for tokenizers that share no tokens)")
     if matched_weight is not None and not 0.0 <= float(matched_weight) <= 1.0:
         raise ValueError(f"matched_weight must be None (teacher's matched share) or in [0, 1], got {matched_weight}")
-    jsd, s_mass, t_mass, s_ids, t_ids = _matched_terms(student, teacher, vocab_map, beta)
-    with torch.no_grad():
-        t_buckets = _unmatched_buckets(teacher, t_ids, t_mass, top_m)
-    uld = uld_distance(_unmatched_buckets(student, s_ids, s_mass, top_m), t_buckets, p)
+    from opdx.ops import generalized_jsd
+
+    t_m, t_mass, t_buckets = _teacher_matched(teacher, vocab_map, top_m)
+    s_ids = vocab_map.student_ids.to(student.first_logits.device)
+    every = student.first_logits.shape[-1] == s_ids.numel()
+    s_m, s_top, s_scale = side_logprobs(student, shared_cols=s_ids,
+                                        group_cols=None if every else top_columns(student, top_m, exclude=s_ids))
+    jsd = generalized_jsd(s_m, t_m.to(s_m.dtype), beta=beta)  # the renormalization is GJSD's own log-softmax
+    s_mass = torch.logsumexp(s_m, -1).exp()
+    uld = uld_distance(_unmatched_buckets(student, s_ids, s_mass, top_m, s_top, s_scale), t_buckets, p)
     w = t_mass.detach() if matched_weight is None else torch.full_like(t_mass, float(matched_weight))
     per_group = w * jsd + (1.0 - w) * uld
     if per_group.numel() == 0:
