@@ -80,9 +80,9 @@ def cross_tokenizer_rules(cfg) -> Rules:
            f"loss.kind={loss.kind} needs the student's full logits: set loss.fused_linear=auto or false")
     if loss.kind not in CROSS_TOKENIZER_KINDS:
         return
-    yield (not cfg.teacher.server_url,
-           f"loss.kind={loss.kind} with teacher.server_url is not supported yet: the cross-tokenizer teacher must be "
-           "local (set teacher.path=<teacher dir> and unset teacher.server_url)")
+    yield (not cfg.teacher.servers() or bool(cfg.teacher.path),
+           f"loss.kind={loss.kind} with a server teacher needs teacher.path=<dir with the teacher's tokenizer> too (the "
+           "completions are re-tokenized with it and the two tokenizations aligned)")
 
 
 def loss_rules(cfg) -> Rules:

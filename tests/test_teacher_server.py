@@ -19,10 +19,12 @@ def stub_logprobs(prev: int, j: int, vocab: int = V) -> torch.Tensor:
     return torch.log_softmax(torch.randn(vocab, generator=g, dtype=torch.float64), -1)
 
 
-def prompt_logprobs_answer(tokens, k, vocab: int = V):
+def prompt_logprobs_answer(tokens, k, vocab: int = V, rows_fn=None):
+    """``rows_fn(tokens) -> [n, vocab]`` (row j: log p(. | tokens[:j + 1])): a model-backed stub; else random."""
     out = [None]
+    rows = rows_fn(tokens) if rows_fn is not None else None
     for j in range(1, len(tokens)):
-        lp = stub_logprobs(tokens[j - 1], j, vocab)
+        lp = rows[j - 1] if rows is not None else stub_logprobs(tokens[j - 1], j, vocab)
         order = torch.argsort(lp, descending=True).tolist()
         entry = {}
         for r, t in enumerate(order[:k], start=1):
@@ -34,12 +36,12 @@ def prompt_logprobs_answer(tokens, k, vocab: int = V):
             "choices": [{"index": 0, "text": "x", "finish_reason": "length", "prompt_logprobs": out}]}
 
 
-def greedy_answer(prompt, max_tokens: int, vocab: int = V):
+def greedy_answer(prompt, max_tokens: int, vocab: int = V, rows_fn=None):
     """A generation answer (teacher completions for seq_kd and the eval references): the stub teacher's greedy
     tokens with their logprobs."""
     seq, lps = list(prompt), []
     for _ in range(max_tokens):
-        lp = stub_logprobs(seq[-1], len(seq), vocab)
+        lp = rows_fn(seq)[-1] if rows_fn is not None else stub_logprobs(seq[-1], len(seq), vocab)
         t = int(torch.argmax(lp))
         seq.append(t)
         lps.append(float(lp[t]))
@@ -55,6 +57,7 @@ class Stub:
         self.fail_first = 0
         self.max_logprobs = 20
         self.vocab = V  # tokens the stub's teacher distributions cover (ids 0..vocab-1)
+        self.rows_fn = None  # tokens -> [n, vocab] next-token log-probs: a model-backed stub (else random ones)
         self.lock = threading.Lock()
 
 
@@ -80,7 +83,8 @@ def make_handler(stub: Stub):
                 n = stub.calls
             assert req["model"] == "stub"
             if "prompt_logprobs" not in req:  # generation
-                return self._send(200, json.dumps(greedy_answer(req["prompt"], req["max_tokens"], stub.vocab)).encode())
+                answer = greedy_answer(req["prompt"], req["max_tokens"], stub.vocab, stub.rows_fn)
+                return self._send(200, json.dumps(answer).encode())
             k = req["prompt_logprobs"]
             assert req["max_tokens"] == 1
             if k > stub.max_logprobs:
@@ -96,7 +100,7 @@ def make_handler(stub: Stub):
                 ans = prompt_logprobs_answer(req["prompt"], k, stub.vocab)
                 ans["choices"][0]["prompt_logprobs"] = ans["choices"][0]["prompt_logprobs"][:-1]
                 return self._send(200, json.dumps(ans).encode())
-            self._send(200, json.dumps(prompt_logprobs_answer(req["prompt"], k, stub.vocab)).encode())
+            self._send(200, json.dumps(prompt_logprobs_answer(req["prompt"], k, stub.vocab, stub.rows_fn)).encode())
 
     return H
 

@@ -86,7 +86,8 @@ def _dataset_batch(data, n: int = 5):
 
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("overrides, needle", [
-    (["loss.kind=uld", "teacher.server_url=http://127.0.0.1:1"], "loss.kind=uld with teacher.server_url is not"),
+    (["loss.kind=uld", "teacher.server_url=http://127.0.0.1:1"], "loss.kind=uld with a server teacher needs "
+                                                                "teacher.path"),
     (["loss.kind=gold", "loss.gold_weight=1.5"], "loss.gold_weight must be 'matched'"),
     (["loss.kind=gold", "loss.gold_weight=most"], "loss.gold_weight must be 'matched'"),
     (["loss.kind=uld", "loss.uld_topm=0"], "loss.uld_topm must be >= 1"),
@@ -306,6 +307,92 @@ def test_seq_kd_trains_on_the_teachers_retokenized_text(xtok, kind):
     grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
     assert torch.isfinite(loss) and torch.isfinite(grads).all() and grads.abs().max() > 0
     assert stats.n == float(batch.loss_mask.sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------------ server teacher
+def _loss_and_grads(objective, student, batch, signal):
+    loss, _ = objective.compute(Engine(student), batch, signal, "dataset")
+    loss.backward()
+    grads = grads_of(student)
+    student.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("kind", ["uld", "gold"])
+def test_topk_teacher_at_full_k_equals_the_full_teacher(xtok, kind):
+    """A teacher known only by its top-k log-probs (a server teacher, opdx.xtok.topk_teacher) with k = its whole
+    vocabulary gives the local teacher's loss and gradients; with k = 3 (most groups' GOLD matched set is partial,
+    some empty) the loss is finite, has gradients, and differs."""
+    import copy
+
+    _, data, student, _, teacher, objective = _xtok_setup(xtok, kind, "loss.uld_topm=16")
+    batch = _dataset_batch(data)
+    full, g_full = _loss_and_grads(objective, student, batch, teacher.score(batch, "gjsd", vocab_size=0))
+    losses = {}
+    for k in (teacher.vocab, 3):
+        top = copy.copy(teacher)
+        top.topk = k
+        signal = top.score(batch, "gjsd", vocab_size=0)
+        assert signal.teacher.top_logp.shape == (signal.num_groups, k)
+        losses[k], grads = _loss_and_grads(objective, student, batch, signal)
+        assert all(torch.isfinite(g).all() for g in grads.values()) and any(g.abs().max() > 0 for g in grads.values())
+        if k == teacher.vocab:
+            for name, g in g_full.items():
+                torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7)
+    assert losses[teacher.vocab] == pytest.approx(full, rel=1e-5, abs=1e-7)
+    assert abs(losses[3] - full) > 1e-4
+
+
+def test_gold_topk_gradcheck_with_an_unmatched_group():
+    """gold against a top-k teacher in float64: gradcheck through the student's one-pass gathered log-probs, a group
+    whose teacher top-k holds no string-matched token (ULD term only) and one fully matched."""
+    from opdx.xtok import VocabMap, gold_loss, merge_groups
+    from opdx.xtok.topk_teacher import TopSide
+
+    g = torch.Generator().manual_seed(5)
+    vs, n = 9, 3
+    sl = torch.randn(5, vs, generator=g, dtype=torch.float64, requires_grad=True)
+    sy, sg = torch.tensor([1, 4, 2, 0, 7]), torch.tensor([0, 0, 1, 2, 2])
+    vmap = VocabMap(torch.tensor([0, 2, 3, 5]), torch.tensor([10, 1, 4, 6]))  # student id -> teacher id
+    top_ids = torch.tensor([[7, 8, 9], [10, 1, 2], [4, 6, 10]])  # group 0: none matched; group 2: all matched
+    t_full = torch.log_softmax(torch.randn(n, 12, generator=g, dtype=torch.float64), -1)
+    top_logp = torch.sort(t_full.gather(1, top_ids), -1, descending=True).values
+    teacher = TopSide(top_ids, top_logp, torch.tensor([0.0, -0.3, -0.1], dtype=torch.float64))
+
+    def fn(x):
+        return gold_loss(merge_groups(x, sy, sg, n), teacher, vmap, beta=0.4, top_m=4)[0]
+
+    assert torch.isfinite(fn(sl))
+    assert torch.autograd.gradcheck(fn, (sl,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow  # a single-process run against a model-backed stub server (~30 s)
+def test_cross_tokenizer_run_with_a_server_teacher(xtok, tmp_path):
+    """loss.kind=uld with teacher.server_url (a stub vLLM server whose prompt logprobs come from the tiny teacher
+    model) and teacher.path for its tokenizer: the run trains and evaluates the per-group reverse KL."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_teacher_server import start_stub
+
+    model = AutoModelForCausalLM.from_pretrained(xtok["teacher"], dtype=torch.float32).eval()
+
+    def rows_fn(tokens):
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([tokens])).logits[0].double(), -1)
+
+    stub, httpd = start_stub(vocab=int(model.config.vocab_size))
+    stub.rows_fn, stub.max_logprobs = rows_fn, 64
+    try:
+        rows = train_run(_path_overrides(xtok, "loss.kind=uld", "loss.uld_topm=16", "loss.lmbda=0.5",
+                                         f"teacher.server_url={stub.url}", "train.max_steps=2", "eval.every=0",
+                                         "rollout.max_new_tokens=8"), tmp_path / "run")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and all(r["loss"] == r["loss"] for r in train)
+    evals = [r for r in rows if "eval_group_reverse_kl" in r]
+    assert [r["step"] for r in evals] == [0, 2]
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -106,8 +106,9 @@ class ServerTeacher:
             if "logprobs" not in str(exc).lower():
                 raise
             raise TeacherServerError(
-                f"teacher server {exc.url} cannot return {k} prompt logprobs per position (loss.topk={k}); restart "
-                f"it with `vllm serve ... --max-logprobs {max(k, 1)}` or lower loss.topk. Server said: {exc}") from None
+                f"teacher server {exc.url} cannot return {k} prompt logprobs per position (loss.topk, or "
+                f"loss.uld_topm for uld / gold, = {k}); restart it with `vllm serve ... --max-logprobs {max(k, 1)}` or "
+                f"lower that setting. Server said: {exc}") from None
         for answer in answers:
             _parse_prompt_logprobs(answer, [0, 0], k)
 

@@ -157,7 +157,8 @@ def build_server_teacher(cfg: Config):
     t = cfg.teacher
     key = "teacher.server_urls" if t.server_urls else "teacher.server_url"
     try:
-        return ServerTeacher(t.servers(), topk=cfg.loss.topk if cfg.loss.kind == "topk" else 0, timeout=t.timeout,
+        topk = {"topk": cfg.loss.topk, "uld": cfg.loss.uld_topm, "gold": cfg.loss.uld_topm}.get(cfg.loss.kind, 0)
+        return ServerTeacher(t.servers(), topk=topk, timeout=t.timeout,
                              max_retries=t.max_retries, max_concurrency=t.max_concurrency, recheck_s=t.recheck_s)
     except (TeacherServerError, ValueError) as exc:
         raise ConfigError(f"{key}={t.server_urls or t.server_url}: {str(exc).splitlines()[0]}") from None
@@ -362,8 +363,8 @@ def build_engines(cfg: Config, device, data: Data) -> Trainer:
     engine = init_engine(cfg, student, device)
     if teacher_model is not None:
         teacher = wrap_local_teacher(cfg, teacher_model, fused_linear=objective.signal_spec().hidden)
-        if data.teacher_tokenizer is not None:
-            teacher = xtok_scoring.cross_tokenizer_teacher(cfg, teacher, data, teacher_model)
+    if data.teacher_tokenizer is not None and cfg.teacher.source != "file":  # uld / gold: local or server teacher
+        teacher = xtok_scoring.cross_tokenizer_teacher(cfg, teacher, data, teacher_model)
     _announce(cfg, engine, vocab, fused)
     rollout = make_rollout(cfg, engine.module, data.tokenizer, eos_ids=data.eos_ids, pad_id=data.pad_id,
                            synced_gpus=cfg.deepspeed.zero_stage == 3 and world() > 1, vocab_size=vocab,

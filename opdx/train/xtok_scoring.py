@@ -101,8 +101,9 @@ class CrossTokenizerTeacher:
     """A local teacher (`opdx.teacher.local.LocalTeacher`) with its own tokenizer, scoring student batches."""
 
     def __init__(self, teacher, *, student_tokenizer, teacher_tokenizer, teacher_prompts: dict, vocab: int,
-                 student_eos_ids, rule: str = "observed", vocab_map: VocabMap | None = None):
+                 student_eos_ids, rule: str = "observed", vocab_map: VocabMap | None = None, topk: int = 0):
         self.teacher, self.student_tok, self.teacher_tok = teacher, student_tokenizer, teacher_tokenizer
+        self.topk = int(topk)  # > 0: a server teacher, known by its top-k log-probs (opdx.xtok.topk_teacher)
         self.prompts, self.vocab, self.rule, self.vocab_map = teacher_prompts, vocab, rule, vocab_map
         self.student_eos_ids = [int(e) for e in student_eos_ids]
         self.student_eos = set(self.student_eos_ids)
@@ -133,7 +134,8 @@ class CrossTokenizerTeacher:
         prompts = [self._teacher_prompt(batch.input_ids[b, :batch.prompt_lens[b]].tolist(), b)
                    for b in range(len(rows))]
         completions = [t_ids[b, :t_len[b]].tolist() for b in range(len(rows))]
-        return build_batch(prompts, completions, self.pad_id).to(self.teacher.device), alignment
+        device = getattr(self.teacher, "device", batch.input_ids.device)  # a server teacher has none
+        return build_batch(prompts, completions, self.pad_id).to(device), alignment
 
     @torch.no_grad()
     def generate(self, prompts, *, seed: int, max_new_tokens: int, temperature: float, top_p: float, eos_ids,
@@ -157,19 +159,33 @@ class CrossTokenizerTeacher:
     @torch.no_grad()
     def score(self, batch: Batch, kind: str = "gjsd", *, vocab_size: int = 0, temperature: float = 1.0,
               topk: int = 0) -> CrossTokenizerSignal:
-        """The teacher's merged distribution per aligned group (its full logits at its completion positions,
-        over its own vocabulary; ``kind`` / ``vocab_size`` / ``topk`` of the same-tokenizer API are not used)."""
+        """The teacher's merged distribution per aligned group: from its full logits at its completion positions
+        (a local teacher, over its own vocabulary) or from its top-k log-probs there (a server teacher,
+        `opdx.xtok.topk_teacher`). ``kind`` / ``vocab_size`` / ``topk`` of the same-tokenizer API are not used."""
         from opdx.ops import token_logprobs
 
         t_batch, alignment = self.teacher_batch(batch)
         s_groups, t_groups, n = alignment.flat()
-        logits = self.teacher.score(t_batch, "gjsd", vocab_size=self.vocab, temperature=temperature).logits
-        targets = t_batch.targets[t_batch.loss_mask]
         device = batch.input_ids.device
-        side = merge_groups(logits, targets, t_groups.to(logits.device), n, rule=self.rule, temperature=temperature,
-                            name="teacher")
-        logp = group_sums(token_logprobs(logits, targets, temperature=temperature), t_groups.to(logits.device), n)
+        if self.topk:
+            side, observed = self._topk_side(t_batch, t_groups, n, temperature)
+        else:
+            logits = self.teacher.score(t_batch, "gjsd", vocab_size=self.vocab, temperature=temperature).logits
+            targets = t_batch.targets[t_batch.loss_mask]
+            side = merge_groups(logits, targets, t_groups.to(logits.device), n, rule=self.rule,
+                                temperature=temperature, name="teacher")
+            observed = token_logprobs(logits, targets, temperature=temperature)
+        logp = group_sums(observed, t_groups.to(observed.device), n)
         return CrossTokenizerSignal(s_groups.to(device), n, side, logp.to(device), self.vocab_map)
+
+    def _topk_side(self, t_batch: Batch, t_groups: torch.Tensor, n: int, temperature: float):
+        """(`TopSide`, observed log-probs ``[Nt]``) of a server teacher's top-``self.topk`` at its positions."""
+        from opdx.xtok.topk_teacher import merge_topk_groups
+
+        sig = self.teacher.score(t_batch, "topk", vocab_size=self.vocab, temperature=temperature, topk=self.topk)
+        observed = sig.token_logprobs[t_batch.loss_mask.to(sig.token_logprobs.device)]
+        groups = t_groups.to(observed.device)
+        return merge_topk_groups(observed, sig.topk_ids, sig.topk_logprobs, groups, n, rule=self.rule), observed
 
     @torch.no_grad()
     def group_logprobs(self, batch: Batch, temperature: float = 1.0) -> CrossTokenizerSignal:
@@ -211,14 +227,16 @@ def teacher_prompt_map(cfg: Config, teacher_tok, *sets) -> dict:
 
 
 def cross_tokenizer_teacher(cfg: Config, teacher, data: Any, teacher_model) -> CrossTokenizerTeacher:
-    """The local teacher wrapped for loss.kind=uld / gold (``data``: opdx.train.build.Data with the teacher's
-    tokenizer and prompt map); gold builds the string-match vocabulary map (cached per tokenizer pair)."""
+    """The teacher wrapped for loss.kind=uld / gold (``data``: opdx.train.build.Data with the teacher's tokenizer
+    and prompt map): a local one (``teacher_model``) or a server teacher (``teacher_model`` None: it returns its
+    top-loss.uld_topm log-probs); gold builds the string-match vocabulary map (cached per tokenizer pair)."""
     from opdx.models import aligned_vocab_size
     from opdx.xtok import build_vocab_map
 
     assert cfg.loss.kind in CROSS_TOKENIZER_KINDS, cfg.loss.kind
-    try:
-        vocab = int(aligned_vocab_size(data.teacher_tokenizer, teacher_model))
+    try:  # a server teacher (teacher_model None): its vocabulary is its tokenizer's
+        vocab = len(data.teacher_tokenizer) if teacher_model is None else \
+            int(aligned_vocab_size(data.teacher_tokenizer, teacher_model))
     except ValueError as exc:
         raise ConfigError(f"teacher vocabulary mismatch: {str(exc).splitlines()[0]}") from None
     vocab_map = None
@@ -229,4 +247,5 @@ def cross_tokenizer_teacher(cfg: Config, teacher, data: Any, teacher_model) -> C
                               "vocabularies; use loss.kind=uld")
     return CrossTokenizerTeacher(teacher, student_tokenizer=data.tokenizer, teacher_tokenizer=data.teacher_tokenizer,
                                  teacher_prompts=data.teacher_prompts, vocab=vocab, student_eos_ids=data.eos_ids,
-                                 rule=cfg.loss.merge_rule, vocab_map=vocab_map)
+                                 rule=cfg.loss.merge_rule, vocab_map=vocab_map,
+                                 topk=cfg.loss.uld_topm if teacher_model is None else 0)

@@ -186,10 +186,10 @@ def uld_distance(student_buckets: torch.Tensor, teacher_buckets: torch.Tensor, p
     return diff.sum(-1) if p == 1.0 else diff.pow(p).sum(-1)
 
 
-def _check_pair(student: GroupedSide, teacher: GroupedSide, top_m) -> None:
-    if student.first_logits.shape[0] != teacher.first_logits.shape[0]:
-        raise ValueError(f"student has {student.first_logits.shape[0]} groups but teacher "
-                         f"{teacher.first_logits.shape[0]}; merge both sides with the same alignment")
+def _check_pair(student: GroupedSide, teacher, top_m) -> None:
+    if student.log_scale.shape[0] != teacher.log_scale.shape[0]:
+        raise ValueError(f"student has {student.log_scale.shape[0]} groups but teacher "
+                         f"{teacher.log_scale.shape[0]}; merge both sides with the same alignment")
     if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m < 1:
         raise ValueError(f"top_m must be an int >= 1 (sorted probabilities kept per side), got {top_m!r}")
 
@@ -197,10 +197,12 @@ def _check_pair(student: GroupedSide, teacher: GroupedSide, top_m) -> None:
 def uld_per_group(student: GroupedSide, teacher: GroupedSide, *, top_m: int = 64, p: float = 1.0) -> torch.Tensor:
     """``[G]`` ULD distance per group: each side's top-M merged probabilities plus one tail bucket, sorted
     descending, zero-padded to a common length, Σ|Δ|^p. With top_m >= V on both sides this is exactly the
-    full-vocabulary sorted distance. Extra memory O(G·M) besides the inputs."""
+    full-vocabulary sorted distance. Extra memory O(G·M) besides the inputs. ``teacher`` may also be a
+    `opdx.xtok.topk_teacher.TopSide` (a server teacher's top-k; its tail bucket is the mass outside them)."""
     _check_pair(student, teacher, top_m)
     with torch.no_grad():
-        t_buckets = sorted_buckets(top_log_probs(teacher, top_m), teacher.log_scale)
+        t_top = teacher.top_logp[:, :top_m] if hasattr(teacher, "top_logp") else top_log_probs(teacher, top_m)
+        t_buckets = sorted_buckets(t_top, teacher.log_scale)
     _, s_top, s_scale = side_logprobs(student, group_cols=top_columns(student, top_m))
     return uld_distance(sorted_buckets(s_top, s_scale), t_buckets, p)
 
@@ -247,6 +249,10 @@ def gold_loss(student: GroupedSide, teacher: GroupedSide, vocab_map, *, beta: fl
                          "(use uld for tokenizers that share no tokens)")
     if matched_weight is not None and not 0.0 <= float(matched_weight) <= 1.0:
         raise ValueError(f"matched_weight must be None (teacher's matched share) or in [0, 1], got {matched_weight}")
+    if hasattr(teacher, "top_logp"):
+        from opdx.xtok.topk_teacher import gold_loss_topk
+
+        return gold_loss_topk(student, teacher, vocab_map, beta=beta, top_m=top_m, p=p, matched_weight=matched_weight)
     from opdx.ops import generalized_jsd
 
     t_m, t_mass, t_buckets = _teacher_matched(teacher, vocab_map, top_m)
