@@ -199,10 +199,11 @@ def test_xtok_step_share(benchmark):
         loss = uld_loss(side, t_side) if kind == "uld" else gold_loss(side, t_side, teacher.vocab_map)[0]
         return torch.autograd.grad(loss, s_logits)
 
-    def teacher_merge():
+    def teacher_merge():  # as CrossTokenizerTeacher.score: the token log-probs once, for both
         with torch.no_grad():
-            merge_groups(t_logits, t_y, t_groups, n)
-            group_sums(token_logprobs(t_logits, t_y), t_groups, n)
+            observed = token_logprobs(t_logits, t_y)
+            merge_groups(t_logits, t_y, t_groups, n, observed=observed)
+            group_sums(observed, t_groups, n)
 
     phases = {
         "teacher_scoring": lambda: teacher.teacher.score(t_batch, "gjsd", vocab_size=teacher.vocab),

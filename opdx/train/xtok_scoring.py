@@ -172,9 +172,9 @@ class CrossTokenizerTeacher:
         else:
             logits = self.teacher.score(t_batch, "gjsd", vocab_size=self.vocab, temperature=temperature).logits
             targets = t_batch.targets[t_batch.loss_mask]
-            side = merge_groups(logits, targets, t_groups.to(logits.device), n, rule=self.rule,
-                                temperature=temperature, name="teacher")
             observed = token_logprobs(logits, targets, temperature=temperature)
+            side = merge_groups(logits, targets, t_groups.to(logits.device), n, rule=self.rule,
+                                temperature=temperature, name="teacher", observed=observed)
         logp = group_sums(observed, t_groups.to(observed.device), n)
         return CrossTokenizerSignal(s_groups.to(device), n, side, logp.to(device), self.vocab_map)
 

@@ -88,7 +88,8 @@ def group_first_and_scale(observed_logp: torch.Tensor, groups: torch.Tensor, num
 
 
 def merge_groups(logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, num_groups: int, *,
-                 rule: str = "observed", temperature: float = 1.0, name: str = "side") -> GroupedSide:
+                 rule: str = "observed", temperature: float = 1.0, name: str = "side",
+                 observed: torch.Tensor | None = None) -> GroupedSide:
     """Merges one side's per-token next-token distributions into one distribution per aligned group.
 
     Let group g hold this side's tokens j = f, f+1, ..., l (f its first), p_j = softmax(logits[j] / T) and y_j the
@@ -100,7 +101,8 @@ def merge_groups(logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tens
     (the continuation's probabilities are those computed after y_f, so for v ≠ y_f it is the usual approximation).
     P_g sums to Π_{j>f} p_j(y_j) ≤ 1 and is not renormalized: a side that needs several tokens for the group's text
     is charged for the uncertainty of the continuation. The "first" rule keeps log P_g = log p_f (normalized).
-    Gradients flow through both terms."""
+    Gradients flow through both terms. ``observed`` (no-grad logits only): the token log-probs of ``logits`` at
+    ``targets`` when the caller has them already (saves a pass over the rows)."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"{name}_logits must be [N, V] and {name}_targets [N]; got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
@@ -111,7 +113,8 @@ def merge_groups(logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tens
 
     differentiable = logits.requires_grad and torch.is_grad_enabled()
     with torch.set_grad_enabled(torch.is_grad_enabled() and not differentiable):
-        observed = token_logprobs(logits, targets, temperature=temperature)
+        if observed is None or differentiable:
+            observed = token_logprobs(logits, targets, temperature=temperature)
         first, log_scale = group_first_and_scale(observed, groups, num_groups, rule=rule, name=name)
         first_logits = logits.index_select(0, first)
         if temperature != 1.0:
