@@ -8,9 +8,7 @@ loss next to its teacher-scoring time (the demo teacher's forward). Run:
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -130,32 +128,10 @@ def test_xtok_losses(benchmark, impl):
 STEP_CASE = dict(B=8, tokens=256, teacher="SmolLM2-135M-Instruct", V_student=32768, dtype="float32")
 
 
-def truncated_tokenizer(teacher_dir: str, vocab_size: int):
-    """A second byte-level BPE tokenizer derived from the teacher's: its first ``vocab_size`` ids and the merges
-    that stay inside them (so it splits the text into more, shorter tokens: a different tokenization and
-    vocabulary of a realistic size), with the teacher's specials and chat template."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from opdx.models import load_tokenizer
-
-    teacher = load_tokenizer(teacher_dir)
-    spec = json.loads((Path(teacher_dir) / "tokenizer.json").read_text())
-    vocab = {piece: i for piece, i in spec["model"]["vocab"].items() if i < vocab_size}
-    pairs = [m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"]]
-    spec["model"]["vocab"] = vocab
-    spec["model"]["merges"] = [m for m in pairs if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
-    spec["post_processor"] = None  # ByteLevel offsets untrimmed (byte alignment needs every byte covered)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                  eos_token=teacher.eos_token, pad_token=teacher.pad_token)
-    tok.chat_template = teacher.chat_template
-    return tok
-
-
 def _step_inputs(case):
     """(CrossTokenizerTeacher on the demo teacher, student batch of B texts of ``tokens`` student tokens + EOS)."""
     from opdx.data import build_batch, encode_prompt
-    from opdx.models import ensure_demo_models, load_causal_lm, load_tokenizer
+    from opdx.models import ensure_demo_models, load_causal_lm, load_tokenizer, truncated_tokenizer
     from opdx.teacher.local import LocalTeacher
     from opdx.train.xtok_scoring import CrossTokenizerTeacher
     from opdx.xtok import build_vocab_map

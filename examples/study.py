@@ -14,6 +14,8 @@ constant learning rate; only the data source and the loss change:
     sft_seq       off-policy (lmbda=0)  cross-entropy on the same teacher-generated responses
     gkd_mix       mixed      (lmbda=0.5) the demo's recipe: JSD beta=0.5, half the batches on the teacher's
                                          pre-generated answers (examples/data/teacher_train.jsonl)
+    uld_mix / gold_mix  mixed (lmbda=0.5) --task xtok only: the same mix for a student with another tokenizer
+                                         (loss.kind=uld / gold, docs/cross-tokenizer.md)
 
 Held-out metrics (opdx.train.evaluate.evaluate, on examples/data/prompts_eval.jsonl): teacher-scored reverse KL of student
 samples, top-1 agreement with the teacher on those samples, and greedy task accuracy on the checkable prompts. The
@@ -24,6 +26,9 @@ initial student and the teacher itself are evaluated once as references.
     python examples/study.py --plot-only                    # re-render results/ from the finished runs
     python examples/study.py --task short --out results/short --arms gjsd_b0.5 opd --student-layers 28 --lr 1e-4
                                    # the short-answer, small-batch stability check (checkable prompts, batch 4)
+    python examples/study.py --task xtok --out results/study_xtok --seeds 0
+                                   # a student with another tokenizer (its vocabulary cut to the teacher's first
+                                   # 32768 ids): uld_mix / gold_mix, the per-group held-out reverse KL
 
 Runs land in results/study_runs/<arm>_s<seed>/ (a finished run is never repeated: rerun the command after a crash
 to continue the grid); results/study.csv (every eval point), results/study_summary.md (final metrics, mean ± std
@@ -57,9 +62,17 @@ ARMS: dict[str, tuple[str, list[str]]] = {  # name -> (data source, overrides)
     "sft_seq": ("teacher-generated", ["loss.kind=sft", "loss.lmbda=0", "loss.seq_kd=true"]),
     "gkd_mix": ("mixed", ["loss.kind=gjsd", "loss.beta=0.5", "loss.lmbda=0.5",
                           "data.train=examples/data/teacher_train.jsonl"]),
+    # --task xtok (a student with another tokenizer): the demo's mix with the cross-tokenizer losses
+    "uld_mix": ("mixed", ["loss.kind=uld", "loss.lmbda=0.5", "data.train=examples/data/teacher_train.jsonl"]),
+    "gold_mix": ("mixed", ["loss.kind=gold", "loss.beta=0.5", "loss.lmbda=0.5",
+                           "data.train=examples/data/teacher_train.jsonl"]),
 }
+XTOK_ARMS = ("uld_mix", "gold_mix")
+XTOK_VOCAB = 32768  # the student's vocabulary cut to the teacher's first ids (opdx.models.truncate_vocabulary)
 METRICS = [("eval_reverse_kl", "held-out reverse KL (k1) ↓"), ("eval_top1_agreement", "top-1 agreement ↑"),
            ("eval_task_accuracy", "task accuracy (greedy) ↑")]
+XTOK_METRICS = [("eval_group_reverse_kl", "held-out per-group reverse KL ↓"), ("eval_stop_rate", "stop rate ↑"),
+                ("eval_task_accuracy", "task accuracy (greedy) ↑")]
 QUIET = ["save.final=false", "log.tensorboard=false", "log.plot=false", "log.progress=false"]
 
 
@@ -81,7 +94,14 @@ def short_data(out: Path) -> list[str]:
 
 
 def task_overrides(args) -> list[str]:
-    """The prompts and the student every run of the grid (and the two references) share."""
+    """The prompts and the student every run of the grid (and the two references) share. --task xtok: the demo
+    student with its vocabulary cut to the teacher's first XTOK_VOCAB ids (its own tokenizer), built once."""
+    if args.task == "xtok":
+        from opdx.models import ensure_demo_models, truncate_vocabulary
+
+        teacher_dir, student_dir = ensure_demo_models(student_layers=args.student_layers)
+        student = truncate_vocabulary(student_dir, f"{student_dir}_v{XTOK_VOCAB}", XTOK_VOCAB)
+        return ["model.source=path", f"model.path={student}", f"teacher.path={teacher_dir}"]
     task = short_data(Path(args.out) / "study_runs" / "_short_data") if args.task == "short" else []
     return [*task, f"model.student_layers={args.student_layers}"]
 
@@ -114,7 +134,7 @@ def eval_rows(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return [r for r in rows if "eval_reverse_kl" in r]
+    return [r for r in rows if "eval_response_len" in r]
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -122,7 +142,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def collect(out: Path, arms: list[str], seeds: list[int]) -> tuple[list[dict], dict]:
+def collect(out: Path, arms: list[str], seeds: list[int], metrics=METRICS) -> tuple[list[dict], dict]:
     """-> (csv rows: every eval point of every finished run, with the shared initial eval at 0 tokens; references)"""
     refs = {name: (eval_rows(out / "study_runs" / name) or [None])[0] for name in ("initial", "teacher")}
     rows = []
@@ -136,7 +156,7 @@ def collect(out: Path, arms: list[str], seeds: list[int]) -> tuple[list[dict], d
             for r in ev:
                 rows.append({"arm": arm, "source": ARMS[arm][0], "seed": seed, "step": r["step"],
                              "teacher_tokens": r.get("teacher_tokens", 0),
-                             **{k: r.get(k, float("nan")) for k, _ in METRICS},
+                             **{k: r.get(k, float("nan")) for k, _ in metrics},
                              "eval_response_len": r.get("eval_response_len", float("nan"))})
     return rows, refs
 
@@ -150,8 +170,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
-def final_table(rows: list[dict], refs: dict, arms: list[str]) -> str:
-    cols = METRICS + [("eval_response_len", "sample length (tokens)")]
+def final_table(rows: list[dict], refs: dict, arms: list[str], metrics=METRICS) -> str:
+    cols = metrics + [("eval_response_len", "sample length (tokens)")]
     lines = ["| run | data | seeds | teacher-scored tokens | " + " | ".join(t for _, t in cols) + " |",
              "|---|---|---|---|" + "---|" * len(cols)]
     for name, label in (("initial", "initial student"), ("teacher", "teacher (reference)")):
@@ -176,15 +196,15 @@ def final_table(rows: list[dict], refs: dict, arms: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], refs: dict, arms: list[str], path: Path, layers: int) -> None:
+def plot(rows: list[dict], refs: dict, arms: list[str], path: Path, layers: int, metrics=METRICS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.2))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, title) in zip(axes, METRICS):
+    for ax, (key, title) in zip(axes, metrics):
         for i, arm in enumerate(arms):
             seeds = sorted({r["seed"] for r in rows if r["arm"] == arm})
             if not seeds:
@@ -215,19 +235,26 @@ def plot(rows: list[dict], refs: dict, arms: list[str], path: Path, layers: int)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS),
+                   help="default: every arm of the task (XTOK_ARMS for --task xtok, the others otherwise)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-tokens", type=int, default=2048, help="teacher-scored tokens per run")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--student-layers", type=int, default=24, help="layers of the pruned demo student (of 30)")
-    p.add_argument("--task", choices=["open", "short"], default="open",
-                   help="open: the shipped prompts; short: only the checkable ones (a few answer tokens)")
+    p.add_argument("--task", choices=["open", "short", "xtok"], default="open",
+                   help="open: the shipped prompts; short: only the checkable ones (a few answer tokens); xtok: a "
+                        "student with another tokenizer (the uld_mix / gold_mix arms)")
     p.add_argument("--eval-every", type=int, default=4, help="steps between held-out evals")
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --nproc_per_node)")
     p.add_argument("--port", type=int, default=29631)
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--plot-only", action="store_true", help="only collect finished runs and render the results")
     args = p.parse_args(argv)
+    if args.arms is None:
+        args.arms = [a for a in ARMS if (a in XTOK_ARMS) == (args.task == "xtok")]
+    if (args.task == "xtok") != all(a in XTOK_ARMS for a in args.arms):
+        p.error(f"the arms {list(XTOK_ARMS)} go with --task xtok, and only they")
+    metrics = XTOK_METRICS if args.task == "xtok" else METRICS
     out = Path(args.out)
     runs = out / "study_runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -248,24 +275,23 @@ def main(argv=None) -> int:
             bar.update(1)
             if name == "initial":  # the demo models now exist: the teacher evaluated as its own student
                 bar.set_postfix_str("teacher")
-                run_train(runs / "teacher", ["model.source=path", f"model.path={teacher_dir}",
-                                             f"teacher.path={teacher_dir}", "train.max_steps=0",
-                                             "eval.at_start=true", *QUIET, *task], args.nproc,
-                                            args.port)
+                run_train(runs / "teacher", [*task, "model.source=path", f"model.path={teacher_dir}",
+                                             f"teacher.path={teacher_dir}", "loss.kind=gjsd", "train.max_steps=0",
+                                             "eval.at_start=true", *QUIET], args.nproc, args.port)
                 bar.update(1)
         bar.close()
         print(f"study: {len(jobs) + 1} runs done in {time.time() - t0:.0f} s", flush=True)
 
-    rows, refs = collect(out, args.arms, args.seeds)
+    rows, refs = collect(out, args.arms, args.seeds, metrics)
     if not rows:
         print(f"study: no finished runs under {runs}", file=sys.stderr)
         return 1
     write_csv(rows, out / "study.csv")
-    table = final_table(rows, refs, args.arms)
+    table = final_table(rows, refs, args.arms, metrics)
     (out / "study_summary.md").write_text(
         f"Final held-out metrics after {args.max_tokens} teacher-scored tokens per run (mean ± std over seeds "
         f"{args.seeds}); `python examples/study.py`.\n\n" + table)
-    plot(rows, refs, args.arms, out / "study.png", args.student_layers)
+    plot(rows, refs, args.arms, out / "study.png", args.student_layers, metrics)
     print(table)
     print(f"study: wrote {out / 'study.csv'}, {out / 'study_summary.md'}, {out / 'study.png'}")
     return 0

@@ -420,3 +420,32 @@ def test_ensure_demo_models_real(tmp_path, request):
     out = student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
                            do_sample=False)
     assert torch.equal(out, _greedy_no_cache(student, ids, 4))
+
+
+def test_truncate_vocabulary_makes_a_student_with_another_tokenizer(tmp_path):
+    """opdx.models.truncate_vocabulary: the tokenizer keeps the first ids and the merges inside them (so it splits
+    text into more tokens, and decodes it back exactly), the model its first embedding rows (the same logits on
+    those ids); a second call reuses the directory; cutting the specials off or a non-BPE tokenizer is an error."""
+    from transformers import AutoModelForCausalLM
+
+    teacher_dir, _ = M.make_tiny_models(tmp_path / "tiny", vocab_size=512)
+    out = M.truncate_vocabulary(teacher_dir, tmp_path / "cut", 300)
+    full, cut = M.load_tokenizer(teacher_dir), M.load_tokenizer(out)
+    text = "The capital of France is Paris. Plants use sunlight, water and carbon dioxide. café ❤️"
+    ids_full, ids_cut = full(text)["input_ids"], cut(text)["input_ids"]
+    assert len(cut) == 300 and max(ids_cut) < 300 and len(ids_cut) > len(ids_full)
+    assert cut.decode(ids_cut) == full.decode(ids_full) == text
+    assert cut.eos_token_id == full.eos_token_id and cut.chat_template == full.chat_template
+    big = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    small = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert small.get_input_embeddings().weight.shape[0] == small.config.vocab_size == 300
+    x = torch.tensor([ids_cut])
+    with torch.no_grad():
+        torch.testing.assert_close(small(x).logits, big(x).logits[..., :300])
+    stamp = (Path(out) / "opdx_truncated.json").stat().st_mtime_ns
+    assert M.truncate_vocabulary(teacher_dir, tmp_path / "cut", 300) == out
+    assert (Path(out) / "opdx_truncated.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="drop the special token ids"):
+        M.truncated_tokenizer(out, 2)
+    with pytest.raises(ValueError, match="exceeds the model's 512 embedding rows"):
+        M.truncate_vocabulary(teacher_dir, tmp_path / "big", 600)

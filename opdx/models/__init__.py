@@ -33,6 +33,7 @@ from .demo import (COMPLETE_MARKER, DEMO_GGUF_NAME, DEMO_GGUF_SHA256, DEMO_PACKA
 from .loading import load_causal_lm, load_tokenizer
 from .prune import prune_layers
 from .tiny import CHATML_TEMPLATE, make_tiny_models, make_tiny_tokenizer
+from .vocab import truncate_vocabulary, truncated_tokenizer
 from .weights import iter_merged_weights
 
 __all__ = [
@@ -49,4 +50,6 @@ __all__ = [
     "make_tiny_models",
     "make_tiny_tokenizer",
     "prune_layers",
+    "truncate_vocabulary",
+    "truncated_tokenizer",
 ]

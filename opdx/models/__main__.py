@@ -2,6 +2,7 @@
 
     python -m opdx.models demo [--cache-dir DIR] [--student-layers N]
     python -m opdx.models tiny OUT_DIR [--seed S] [--vocab-size V]
+    python -m opdx.models truncate-vocab MODEL_DIR OUT_DIR --vocab-size V   # a student with another tokenizer
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from opdx.config import ModelConfig
 
 from .demo import ensure_demo_models
 from .tiny import make_tiny_models
+from .vocab import truncate_vocabulary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -25,7 +27,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--vocab-size", type=int, default=512)
+    v = sub.add_parser("truncate-vocab", help="cut a BPE model's vocabulary (tokenizer + embedding) to its first ids")
+    v.add_argument("model_dir")
+    v.add_argument("out_dir")
+    v.add_argument("--vocab-size", type=int, required=True)
     args = ap.parse_args(argv)
+    if args.cmd == "truncate-vocab":
+        print(truncate_vocabulary(args.model_dir, args.out_dir, args.vocab_size))
+        return
     if args.cmd == "demo":
         teacher, student = ensure_demo_models(args.cache_dir, student_layers=args.student_layers)
     else:
