@@ -101,7 +101,7 @@ def task_overrides(args) -> list[str]:
 
         teacher_dir, student_dir = ensure_demo_models(student_layers=args.student_layers)
         student = truncate_vocabulary(student_dir, f"{student_dir}_v{XTOK_VOCAB}", XTOK_VOCAB)
-        return ["model.source=path", f"model.path={student}", f"teacher.path={teacher_dir}"]
+        return ["model.source=path", f"model.path={student}", f"teacher.path={teacher_dir}", "loss.kind=uld"]
     task = short_data(Path(args.out) / "study_runs" / "_short_data") if args.task == "short" else []
     return [*task, f"model.student_layers={args.student_layers}"]
 
