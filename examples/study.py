@@ -101,7 +101,7 @@ def task_overrides(args) -> list[str]:
 
         teacher_dir, student_dir = ensure_demo_models(student_layers=args.student_layers)
         student = truncate_vocabulary(student_dir, f"{student_dir}_v{XTOK_VOCAB}", XTOK_VOCAB)
-        return ["model.source=path", f"model.path={student}", f"teacher.path={teacher_dir}", "loss.kind=uld"]
+        return ["model.source=path", f"model.path={student}", f"teacher.path={teacher_dir}"]
     task = short_data(Path(args.out) / "study_runs" / "_short_data") if args.task == "short" else []
     return [*task, f"model.student_layers={args.student_layers}"]
 
@@ -264,7 +264,8 @@ def main(argv=None) -> int:
 
         teacher_dir = Path(os.path.expanduser("~/.cache/opdx/teacher"))
         task = task_overrides(args)  # writes the --task short prompt files once
-        jobs = [("initial", ["train.max_steps=0", "eval.at_start=true", *QUIET, *task])]
+        xtok = ["loss.kind=uld"] if args.task == "xtok" else []  # the initial eval's per-group metrics
+        jobs = [("initial", ["train.max_steps=0", "eval.at_start=true", *QUIET, *task, *xtok])]
         jobs += [(f"{arm}_s{seed}", [*ARMS[arm][1], f"train.seed={seed}", *common_overrides(args, task)])
                  for seed in args.seeds for arm in args.arms]
         bar = tqdm(total=len(jobs) + 1, desc="study", dynamic_ncols=True)
