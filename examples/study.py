@@ -233,6 +233,32 @@ def plot(rows: list[dict], refs: dict, arms: list[str], path: Path, layers: int,
     plt.close(fig)
 
 
+def run_grid(args, runs: Path) -> None:
+    """The initial student's and the teacher's evals, then every arm x seed (finished runs are skipped)."""
+    from tqdm import tqdm
+
+    teacher_dir = Path(os.path.expanduser("~/.cache/opdx/teacher"))
+    task = task_overrides(args)  # writes the --task short prompt files once
+    xtok = ["loss.kind=uld"] if args.task == "xtok" else []  # the initial eval's per-group metrics
+    jobs = [("initial", ["train.max_steps=0", "eval.at_start=true", *QUIET, *task, *xtok])]
+    jobs += [(f"{arm}_s{seed}", [*ARMS[arm][1], f"train.seed={seed}", *common_overrides(args, task)])
+             for seed in args.seeds for arm in args.arms]
+    bar = tqdm(total=len(jobs) + 1, desc="study", dynamic_ncols=True)
+    t0 = time.time()
+    for name, overrides in jobs:
+        bar.set_postfix_str(name)
+        run_train(runs / name, overrides, args.nproc, args.port)
+        bar.update(1)
+        if name == "initial":  # the demo models now exist: the teacher evaluated as its own student
+            bar.set_postfix_str("teacher")
+            run_train(runs / "teacher", [*task, "model.source=path", f"model.path={teacher_dir}",
+                                         f"teacher.path={teacher_dir}", "loss.kind=gjsd", "train.max_steps=0",
+                                         "eval.at_start=true", *QUIET], args.nproc, args.port)
+            bar.update(1)
+    bar.close()
+    print(f"study: {len(jobs) + 1} runs done in {time.time() - t0:.0f} s", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS),
@@ -260,28 +286,7 @@ def main(argv=None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
 
     if not args.plot_only:
-        from tqdm import tqdm
-
-        teacher_dir = Path(os.path.expanduser("~/.cache/opdx/teacher"))
-        task = task_overrides(args)  # writes the --task short prompt files once
-        xtok = ["loss.kind=uld"] if args.task == "xtok" else []  # the initial eval's per-group metrics
-        jobs = [("initial", ["train.max_steps=0", "eval.at_start=true", *QUIET, *task, *xtok])]
-        jobs += [(f"{arm}_s{seed}", [*ARMS[arm][1], f"train.seed={seed}", *common_overrides(args, task)])
-                 for seed in args.seeds for arm in args.arms]
-        bar = tqdm(total=len(jobs) + 1, desc="study", dynamic_ncols=True)
-        t0 = time.time()
-        for name, overrides in jobs:
-            bar.set_postfix_str(name)
-            run_train(runs / name, overrides, args.nproc, args.port)
-            bar.update(1)
-            if name == "initial":  # the demo models now exist: the teacher evaluated as its own student
-                bar.set_postfix_str("teacher")
-                run_train(runs / "teacher", [*task, "model.source=path", f"model.path={teacher_dir}",
-                                             f"teacher.path={teacher_dir}", "loss.kind=gjsd", "train.max_steps=0",
-                                             "eval.at_start=true", *QUIET], args.nproc, args.port)
-                bar.update(1)
-        bar.close()
-        print(f"study: {len(jobs) + 1} runs done in {time.time() - t0:.0f} s", flush=True)
+        run_grid(args, runs)
 
     rows, refs = collect(out, args.arms, args.seeds, metrics)
     if not rows:
