@@ -346,8 +346,7 @@ def test_topk_teacher_at_full_k_equals_the_full_teacher(xtok, kind):
 def test_gold_topk_gradcheck_with_an_unmatched_group():
     """gold against a top-k teacher in float64: gradcheck through the student's one-pass gathered log-probs, a group
     whose teacher top-k holds no string-matched token (ULD term only) and one fully matched."""
-    from opdx.xtok import VocabMap, gold_loss, merge_groups
-    from opdx.xtok.topk_teacher import TopSide
+    from opdx.xtok import TopSide, VocabMap, gold_loss, gold_loss_topk, merge_groups
 
     g = torch.Generator().manual_seed(5)
     vs, n = 9, 3
@@ -360,9 +359,11 @@ def test_gold_topk_gradcheck_with_an_unmatched_group():
     teacher = TopSide(top_ids, top_logp, torch.tensor([0.0, -0.3, -0.1], dtype=torch.float64))
 
     def fn(x):
-        return gold_loss(merge_groups(x, sy, sg, n), teacher, vmap, beta=0.4, top_m=4)[0]
+        return gold_loss_topk(merge_groups(x, sy, sg, n), teacher, vmap, beta=0.4, top_m=4)[0]
 
     assert torch.isfinite(fn(sl))
+    with pytest.raises(TypeError, match="use opdx.xtok.gold_loss_topk"):
+        gold_loss(merge_groups(sl, sy, sg, n), teacher, vmap)
     assert torch.autograd.gradcheck(fn, (sl,), eps=1e-6, atol=1e-7)
 
 

@@ -304,11 +304,12 @@ class GOLD(CrossTokenizer):
 
     def group_loss(self, student, signal):
         from opdx.config_checks import gold_matched_weight
-        from opdx.xtok import gold_loss
+        from opdx.xtok import TopSide, gold_loss, gold_loss_topk
 
         c = self.loss_cfg
-        return gold_loss(student, signal.teacher, signal.vocab_map, beta=c.beta, top_m=c.uld_topm, p=c.uld_p,
-                         matched_weight=gold_matched_weight(c.gold_weight))[0]
+        loss_fn = gold_loss_topk if isinstance(signal.teacher, TopSide) else gold_loss  # a server teacher: its top-k
+        return loss_fn(student, signal.teacher, signal.vocab_map, beta=c.beta, top_m=c.uld_topm, p=c.uld_p,
+                       matched_weight=gold_matched_weight(c.gold_weight))[0]
 
 
 OBJECTIVES = {cls.kind: cls for cls in (OPD, SFT, GJSD, TopK, MiniLLM, ULD, GOLD)}

@@ -16,6 +16,7 @@ from opdx.xtok.losses import (
     uld_per_group,
 )
 from opdx.xtok.minillm import future_returns, minillm_loss
+from opdx.xtok.topk_teacher import TopSide, gold_loss_topk, merge_topk_groups
 from opdx.xtok.tokens import token_byte_lengths, vocab_token_bytes
 from opdx.xtok.vocab import VocabMap, build_vocab_map
 
@@ -23,15 +24,18 @@ __all__ = [
     "RULES",
     "Alignment",
     "GroupedSide",
+    "TopSide",
     "VocabMap",
     "align_byte_ends",
     "build_vocab_map",
     "char_to_byte_offsets",
     "future_returns",
     "gold_loss",
+    "gold_loss_topk",
     "ids_byte_ends",
     "group_first_and_scale",
     "merge_groups",
+    "merge_topk_groups",
     "minillm_loss",
     "sorted_buckets",
     "token_byte_ends",

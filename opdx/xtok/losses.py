@@ -201,7 +201,7 @@ def uld_per_group(student: GroupedSide, teacher: GroupedSide, *, top_m: int = 64
     """``[G]`` ULD distance per group: each side's top-M merged probabilities plus one tail bucket, sorted
     descending, zero-padded to a common length, Σ|Δ|^p. With top_m >= V on both sides this is exactly the
     full-vocabulary sorted distance. Extra memory O(G·M) besides the inputs. ``teacher`` may also be a
-    `opdx.xtok.topk_teacher.TopSide` (a server teacher's top-k; its tail bucket is the mass outside them)."""
+    `opdx.xtok.TopSide` (a server teacher's top-k; its tail bucket is the mass outside them)."""
     _check_pair(student, teacher, top_m)
     with torch.no_grad():
         t_top = teacher.top_logp[:, :top_m] if hasattr(teacher, "top_logp") else top_log_probs(teacher, top_m)
@@ -253,9 +253,8 @@ def gold_loss(student: GroupedSide, teacher: GroupedSide, vocab_map, *, beta: fl
     if matched_weight is not None and not 0.0 <= float(matched_weight) <= 1.0:
         raise ValueError(f"matched_weight must be None (teacher's matched share) or in [0, 1], got {matched_weight}")
     if hasattr(teacher, "top_logp"):
-        from opdx.xtok.topk_teacher import gold_loss_topk
-
-        return gold_loss_topk(student, teacher, vocab_map, beta=beta, top_m=top_m, p=p, matched_weight=matched_weight)
+        raise TypeError("gold_loss needs a full teacher side (GroupedSide); for a top-k teacher (TopSide) use "
+                        "opdx.xtok.gold_loss_topk")
     from opdx.ops import generalized_jsd
 
     t_m, t_mass, t_buckets = _teacher_matched(teacher, vocab_map, top_m)
