@@ -266,9 +266,15 @@ def gold_loss(student: GroupedSide, teacher: GroupedSide, vocab_map, *, beta: fl
     s_mass = torch.logsumexp(s_m, -1).exp()
     uld = uld_distance(_unmatched_buckets(student, s_ids, s_mass, top_m, s_top, s_scale), t_buckets, p)
     w = t_mass.detach() if matched_weight is None else torch.full_like(t_mass, float(matched_weight))
-    per_group = w * jsd + (1.0 - w) * uld
+    return gold_mean(jsd, uld, w, t_mass)
+
+
+def gold_mean(jsd: torch.Tensor, uld: torch.Tensor, weight: torch.Tensor, matched_share: torch.Tensor):
+    """(mean over groups of weight·jsd + (1 − weight)·uld, stats {matched_share, gjsd, uld}): the GOLD mix of
+    `gold_loss` and `opdx.xtok.gold_loss_topk`."""
+    per_group = weight * jsd + (1.0 - weight) * uld
     if per_group.numel() == 0:
         return per_group.sum(), {"matched_share": 0.0, "gjsd": 0.0, "uld": 0.0}
-    stats = {"matched_share": float(t_mass.mean()), "gjsd": float(jsd.detach().mean()),
+    stats = {"matched_share": float(matched_share.mean()), "gjsd": float(jsd.detach().mean()),
              "uld": float(uld.detach().mean())}
     return per_group.mean(), stats

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from opdx.xtok.losses import GroupedSide, group_first_and_scale, side_logprobs, sorted_buckets, uld_distance
+from opdx.xtok.losses import (GroupedSide, gold_mean, group_first_and_scale, side_logprobs, sorted_buckets,
+                              uld_distance)
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,4 @@ def gold_loss_topk(student: GroupedSide, teacher: TopSide, vocab_map, *, beta: f
     s_other = torch.where(empty, neg_inf, s_lp[:, k:])
     uld = uld_distance(sorted_buckets(s_other, s_scale, 1.0 - s_mass), t_buckets, p)
     w = t_mass if matched_weight is None else torch.full_like(t_mass, float(matched_weight))
-    w = torch.where(has, w, 0.0)
-    per_group = w * jsd + (1.0 - w) * uld
-    if per_group.numel() == 0:
-        return per_group.sum(), {"matched_share": 0.0, "gjsd": 0.0, "uld": 0.0}
-    stats = {"matched_share": float(t_mass.mean()), "gjsd": float(jsd.detach().mean()),
-             "uld": float(uld.detach().mean())}
-    return per_group.mean(), stats
+    return gold_mean(jsd, uld, torch.where(has, w, 0.0), t_mass)
