@@ -382,9 +382,10 @@ def test_merge_temperature_divides_logits():
     torch.testing.assert_close(hot, ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("given", [False, True], ids=["own_pass", "observed_given"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("which", ["all", "observed_only", "columns_only"])
-def test_gathered_logprobs_one_pass_gradient_matches_autograd(temperature, which):
+def test_gathered_logprobs_one_pass_gradient_matches_autograd(temperature, which, given):
     """opdx.xtok.gathered: the one-pass backward equals autograd through log_softmax + index_select / gather, for
     shared and per-group columns (a column repeated, a column equal to the target), a −inf entry, and outputs the
     loss does not use (None gradients)."""
@@ -407,7 +408,11 @@ def test_gathered_logprobs_one_pass_gradient_matches_autograd(temperature, which
         return sum(p.masked_fill(~torch.isfinite(p), 0) for p in parts)
 
     x = logits.clone().requires_grad_(True)
-    got = loss(*gathered_logprobs(x, targets, first, shared_cols=shared, group_cols=grouped, temperature=temperature))
+    from opdx.ops import token_logprobs
+
+    observed = token_logprobs(logits, targets, temperature=temperature) if given else None
+    got = loss(*gathered_logprobs(x, targets, first, shared_cols=shared, group_cols=grouped, temperature=temperature,
+                                  observed=observed))
     (g_got,) = torch.autograd.grad(got, x)
     y = logits.clone().requires_grad_(True)
     lp = torch.log_softmax(y / temperature, -1)

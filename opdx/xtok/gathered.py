@@ -19,8 +19,12 @@ import torch
 
 class _GatheredLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, first, shared_cols, group_cols, inv_temperature):
-        logp, lse, _ = torch.ops.opdx.token_logprobs_fwd(logits, targets, inv_temperature, -100, False, False)
+    def forward(ctx, logits, targets, first, shared_cols, group_cols, inv_temperature, observed):
+        if observed is None:
+            logp, lse, _ = torch.ops.opdx.token_logprobs_fwd(logits, targets, inv_temperature, -100, False, False)
+        else:  # the caller's token log-probs: lse = x[y] / T − log p(y), without another pass over the rows
+            logp = observed.clone()  # an output, not the input itself
+            lse = logits.gather(1, targets[:, None])[:, 0].to(observed.dtype) * inv_temperature - observed
         lse_first = lse.index_select(0, first)[:, None]
         rows = first[:, None]
         shared = _scaled_minus(logits[rows, shared_cols[None, :]], lse, inv_temperature, lse_first)
@@ -46,7 +50,7 @@ class _GatheredLogprobs(torch.autograd.Function):
                              (targets.index_select(0, first)[:, None], -selected[:, None])):
             grad.index_put_((rows, cols), (values * inv_t if inv_t != 1.0 else values).to(grad.dtype),
                             accumulate=True)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _scaled_minus(values: torch.Tensor, like: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:
@@ -59,15 +63,17 @@ def _scaled_minus(values: torch.Tensor, like: torch.Tensor, scale: float, shift:
 
 def gathered_logprobs(logits: torch.Tensor, targets: torch.Tensor, first: torch.Tensor, *,
                       shared_cols: torch.Tensor | None = None, group_cols: torch.Tensor | None = None,
-                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      temperature: float = 1.0, observed: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(observed ``[N]``, shared ``[G, K1]``, grouped ``[G, K2]``) log-probabilities of softmax(logits / T):
     observed[j] at token j's own target, shared[g, k] at column shared_cols[k] of row first[g], grouped[g, k] at
     column group_cols[g, k] of row first[g] (first: G distinct row indices). Differentiable in ``logits`` with
-    the one-pass backward of this module; float32 results for half-precision logits."""
+    the one-pass backward of this module; float32 results for half-precision logits. ``observed`` (detached, as
+    `opdx.ops.token_logprobs` gives them): the observed log-probs when the caller has them (saves a pass)."""
     device = logits.device
     shared_cols = torch.zeros(0, dtype=torch.int64, device=device) if shared_cols is None else shared_cols
     group_cols = torch.zeros(first.numel(), 0, dtype=torch.int64, device=device) if group_cols is None \
         else group_cols
     return _GatheredLogprobs.apply(logits.contiguous(), targets.to(torch.int64).contiguous(),
                                    first.to(torch.int64), shared_cols.to(torch.int64), group_cols.to(torch.int64),
-                                   1.0 / float(temperature))
+                                   1.0 / float(temperature), None if observed is None else observed.detach())

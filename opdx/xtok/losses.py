@@ -32,6 +32,7 @@ class _Rows:
     first: torch.Tensor
     rule: str
     temperature: float
+    observed: torch.Tensor  # the token log-probs merge_groups computed (no grad): gathered_logprobs reuses them
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def merge_groups(logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tens
         # lse = x[y] − log p(y): the fused kernel's logsumexp, without another pass (and its backward) over [G, V]
         observed_logit = first_logits.gather(1, targets.index_select(0, first)[:, None])[:, 0].to(observed.dtype)
         lse = observed_logit - observed.index_select(0, first)
-    rows = _Rows(logits, targets, groups.to(torch.int64), first, rule, float(temperature)) if differentiable else None
+    rows = _Rows(logits, targets, groups.to(torch.int64), first, rule, float(temperature), observed) \
+        if differentiable else None
     return GroupedSide(first_logits, lse, log_scale, rows)
 
 
@@ -143,7 +145,8 @@ def side_logprobs(side: GroupedSide, *, shared_cols: torch.Tensor | None = None,
 
     r = side.rows
     observed, shared, grouped = gathered_logprobs(r.logits, r.targets, r.first, shared_cols=shared_cols,
-                                                  group_cols=group_cols, temperature=r.temperature)
+                                                  group_cols=group_cols, temperature=r.temperature,
+                                                  observed=r.observed)
     _, log_scale = group_first_and_scale(observed, r.groups, lse.shape[0], rule=r.rule)
     return shared, grouped, log_scale
 
