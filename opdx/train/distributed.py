@@ -45,22 +45,20 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":
             t = t.cuda()
-        dist.all_reduce(t)
-    return t.cpu().tolist()
+        dist.all_reduce(t, op=op)
+    return t.cpu()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.SUM).tolist()
 
 
 def all_reduce_max(value: int) -> int:
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.cpu()[0])
+    return int(_all_reduce(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MAX)[0])
 
 
 def destroy() -> None:
