@@ -98,7 +98,8 @@ def _through_first_eos(ids: list[int], eos: set) -> list[int]:
 
 
 class CrossTokenizerTeacher:
-    """A local teacher (`opdx.teacher.local.LocalTeacher`) with its own tokenizer, scoring student batches."""
+    """A teacher with its own tokenizer scoring student batches: local (`opdx.teacher.local.LocalTeacher`, full
+    logits) or a server (`opdx.teacher.server.ServerTeacher`, ``topk`` > 0: its top-k log-probs)."""
 
     def __init__(self, teacher, *, student_tokenizer, teacher_tokenizer, teacher_prompts: dict, vocab: int,
                  student_eos_ids, rule: str = "observed", vocab_map: VocabMap | None = None, topk: int = 0):
@@ -229,7 +230,7 @@ def teacher_prompt_map(cfg: Config, teacher_tok, *sets) -> dict:
 def cross_tokenizer_teacher(cfg: Config, teacher, data: Any, teacher_model) -> CrossTokenizerTeacher:
     """The teacher wrapped for loss.kind=uld / gold (``data``: opdx.train.build.Data with the teacher's tokenizer
     and prompt map): a local one (``teacher_model``) or a server teacher (``teacher_model`` None: it returns its
-    top-loss.uld_topm log-probs); gold builds the string-match vocabulary map (cached per tokenizer pair)."""
+    top-``teacher.topk`` log-probs, loss.uld_topm as build_server_teacher set it); gold builds the string-match vocabulary map (cached per tokenizer pair)."""
     from opdx.models import aligned_vocab_size
     from opdx.xtok import build_vocab_map
 
@@ -248,4 +249,4 @@ def cross_tokenizer_teacher(cfg: Config, teacher, data: Any, teacher_model) -> C
     return CrossTokenizerTeacher(teacher, student_tokenizer=data.tokenizer, teacher_tokenizer=data.teacher_tokenizer,
                                  teacher_prompts=data.teacher_prompts, vocab=vocab, student_eos_ids=data.eos_ids,
                                  rule=cfg.loss.merge_rule, vocab_map=vocab_map,
-                                 topk=cfg.loss.uld_topm if teacher_model is None else 0)
+                                 topk=teacher.topk if teacher_model is None else 0)
