@@ -81,10 +81,9 @@ def gold_loss_topk(student: GroupedSide, teacher: TopSide, vocab_map, *, beta: f
     others, empty = _unmatched_columns(student, cols, matched, top_m)
     _, s_lp, s_scale = side_logprobs(student, group_cols=torch.cat([cols, others], 1))
     neg_inf = torch.tensor(-math.inf, dtype=s_lp.dtype, device=s_lp.device)
-    keep = matched & has[:, None]
-    s_m = torch.where(keep, s_lp[:, :k], neg_inf).where(has[:, None], 0.0)  # no match: two equal rows, GJSD 0
+    s_m = torch.where(matched, s_lp[:, :k], neg_inf).where(has[:, None], 0.0)  # no match: two equal rows, GJSD 0
     t_lp = teacher.top_logp.to(s_lp.dtype)
-    t_m = torch.where(keep, t_lp, neg_inf).where(has[:, None], 0.0)
+    t_m = torch.where(matched, t_lp, neg_inf).where(has[:, None], 0.0)
     jsd = generalized_jsd(s_m, t_m, beta=beta)
     s_mass = torch.where(has, torch.logsumexp(s_m, -1).exp(), 0.0)
     t_mass = torch.where(matched, t_lp.exp(), 0.0).sum(-1)
