@@ -78,6 +78,9 @@ class RolloutConfig:
     sync_dir: str = ""  # vllm: directory the student weights are written to for reload_weights (server: required)
     gpu_memory_utilization: float = 0.3  # vllm colocate on GPU: fraction of GPU memory vLLM may take
     tensor_parallel_size: int = 1  # vllm colocate: 1 (one engine per rank)
+    # sample step k+1's student rollouts in a background thread while step k trains (one step of policy lag,
+    # corrected by opd's importance ratio; opdx.train.inputs). hf: a frozen copy of the student, ZeRO 0-2
+    overlap: bool = False
     sleep: bool = False  # vllm colocate: sleep during training, wake for rollouts (CUDA only)
     max_model_len: int = 0  # vllm colocate: 0 = the model's max_position_embeddings
     timeout: float = 300.0  # vllm server mode: seconds per request

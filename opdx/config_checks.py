@@ -124,6 +124,12 @@ def rollout_rules(cfg) -> Rules:
     yield r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}"
     yield (0 <= r.min_new_tokens <= r.max_new_tokens,
            f"rollout.min_new_tokens must be in [0, rollout.max_new_tokens={r.max_new_tokens}], got {r.min_new_tokens}")
+    if r.overlap:
+        yield cfg.loss.teacher_mix_alpha == 0, ("rollout.overlap=true cannot sample loss.teacher_mix_alpha's "
+                                                "teacher-mixed rollouts (they need the teacher); set one of them off")
+        yield r.engine != "hf" or cfg.deepspeed.zero_stage < 3, (
+            "rollout.overlap=true with rollout.engine=hf samples a frozen copy of the whole student, which ZeRO-3 "
+            "does not keep; use deepspeed.zero_stage<=2 or rollout.engine=vllm")
     if r.engine != "vllm":
         yield (not r.server_url, "rollout.server_url is set but rollout.engine=hf; set rollout.engine=vllm "
                                  "rollout.mode=server to use it")

@@ -26,14 +26,15 @@ class RolloutEngine(Protocol):
 
 
 def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = False, vocab_size=None,
-                 student_dir: str | None = None):
-    """The rollout engine `cfg.rollout` asks for: `HFRollout` on the live student module, or a vLLM engine
-    (`VLLMColocateRollout` loading ``student_dir``, `VLLMServerRollout` talking to ``rollout.server_url``)."""
+                 student_dir: str | None = None, frozen_copy: bool = False):
+    """The rollout engine `cfg.rollout` asks for: `HFRollout` on the live student module (``frozen_copy``: on a
+    copy of it, `FrozenCopyRollout`), or a vLLM engine (`VLLMColocateRollout` loading ``student_dir``,
+    `VLLMServerRollout` talking to ``rollout.server_url``)."""
     r = cfg.rollout
     if r.engine == "hf":
-        from opdx.rollout.hf import HFRollout
+        from opdx.rollout.hf import FrozenCopyRollout, HFRollout
 
-        return HFRollout(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=r.max_new_tokens,
+        return (FrozenCopyRollout if frozen_copy else HFRollout)(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=r.max_new_tokens,
                          temperature=r.temperature, top_p=r.top_p, synced_gpus=synced_gpus, vocab_size=vocab_size,
                          min_new_tokens=r.min_new_tokens)
     if r.engine == "vllm":

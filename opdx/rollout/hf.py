@@ -10,6 +10,8 @@ logprobs come from generate's raw logits (``output_logits``), not from the proce
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 
 import torch
 
@@ -126,6 +128,21 @@ class HFRollout:
         if recorder is not None:
             batch.topk = recorder.rows(batch.completion_mask.sum(1).tolist())
         return batch
+
+
+class FrozenCopyRollout(HFRollout):
+    """`HFRollout` over a frozen copy of the student (rollout.overlap: a background thread samples the copy while
+    the live module trains); `sync_weights` copies the live weights in. ZeRO 0-2 (whole parameters)."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(copy.deepcopy(_unwrap(model)).eval().requires_grad_(False), **kwargs)
+
+    @torch.no_grad()
+    def sync_weights(self, engine) -> None:
+        live = _unwrap(engine)
+        for dst, src in zip(itertools.chain(self.model.parameters(), self.model.buffers()),
+                            itertools.chain(live.parameters(), live.buffers()), strict=True):
+            dst.copy_(src)
 
 
 class _TopKRecorder:

@@ -72,6 +72,7 @@ class Trainer:
     teacher_completions: list = field(default_factory=list)
     # loss.teacher_mix_alpha > 0: the training rollouts' sampler (opdx.rollout.mixed); the eval samples the student
     mixed_rollout: Any = None
+    inputs: Any = None  # opdx.train.inputs.StepInputs (set by the loop): each step's micro-batches
 
     @property
     def train_rollout(self):

@@ -53,8 +53,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(cfg: Config, engine, step: int, sampler: Sampler, teacher_tokens: int = 0) -> None:
-    """Atomic: every rank writes into checkpoints/.tmp_step_N, then rank 0 renames it to step_N and keeps the
+def save_checkpoint(cfg: Config, engine, step: int, sampler_state: dict, teacher_tokens: int = 0) -> None:
+    """``sampler_state``: the sampler's position after step ``step`` (opdx.train.inputs). Atomic: every rank writes into checkpoints/.tmp_step_N, then rank 0 renames it to step_N and keeps the
     newest save.keep."""
     root = _ckpt_root(cfg)
     tmp, final = root / f".tmp_step_{step}", root / f"step_{step}"
@@ -66,7 +66,7 @@ def save_checkpoint(cfg: Config, engine, step: int, sampler: Sampler, teacher_to
     torch.save(_rng_state(), tmp / f"rng_rank{rank()}.pt")
     barrier()
     if rank() == 0:
-        state = {"step": step, "sampler": sampler.state_dict(), "world_size": world(),
+        state = {"step": step, "sampler": sampler_state, "world_size": world(),
                  "teacher_tokens": int(teacher_tokens)}
         with open(tmp / "trainer_state.json", "w") as f:
             json.dump(state, f)

@@ -22,9 +22,9 @@ from opdx.train.checkpoint import save_checkpoint, save_final
 from opdx.train.distributed import all_reduce_sum, barrier, destroy, rank, single_process_env, world
 from opdx.train.evaluate import eval_record
 from opdx.train.harness import lm_eval_due, run_lm_eval
+from opdx.train.inputs import make_inputs
 from opdx.train.logging import Logger, Progress, SourcesLog, clock, timed, write_summary
 from opdx.train.objectives import rollout_mismatch_sums, teacher_signal
-from opdx.train.sources import draw_source_synced, make_sequences, step_seed
 
 DESCRIPTION = "The on-policy distillation trainer."
 
@@ -85,19 +85,20 @@ def train_step(t: Trainer, step: int, sources_log: SourcesLog) -> dict:
     """One optimizer step over train.grad_accum micro-batches; returns its metrics record."""
     cfg, times, sums, sources = t.cfg, {}, StepSums(), []
     with timed("step", times, t.device):
-        for micro in range(cfg.train.grad_accum):
-            idx = t.sampler.next_batch()  # same order on resume
-            source = draw_source_synced(cfg, step, micro)  # one draw, broadcast from rank 0
-            sources.append(source)
-            sources_log.write(step, micro, source)
+        with timed("rollout", times, t.device):  # prompts + source draws (rollout.overlap: step+1's rollouts start)
+            micro_batches = t.inputs.take(step)
+        for mb in micro_batches:
+            sources.append(mb.source)
+            sources_log.write(step, mb.micro, mb.source)
             with timed("rollout", times, t.device):
-                seqs = make_sequences(t, idx, source, seed=step_seed(cfg.train.seed, step, micro, rank()))
+                seqs = t.inputs.sequences(mb)
             with timed("teacher", times, t.device):
-                signal = teacher_signal(t.teacher, seqs.batch, t.objective.signal_spec(), t.vocab)
+                signal = mb.signal if mb.signal is not None else \
+                    teacher_signal(t.teacher, seqs.batch, t.objective.signal_spec(), t.vocab)
             with timed("loss", times, t.device):
                 mismatch = cfg.rollout.engine == "vllm" and seqs.rollout is not None \
                     and seqs.rollout.sampling_logprobs is not None
-                loss, stats = t.objective.compute(t.engine, seqs.batch, signal, source, rollout=seqs.rollout,
+                loss, stats = t.objective.compute(t.engine, seqs.batch, signal, mb.source, rollout=seqs.rollout,
                                                   raw_logp=mismatch)
                 if mismatch:
                     s, c = rollout_mismatch_sums(seqs.rollout, stats)
@@ -106,9 +107,9 @@ def train_step(t: Trainer, step: int, sources_log: SourcesLog) -> dict:
                 t.engine.backward(loss)
             with timed("engine_step", times, t.device), timed_update(t.engine.basic_optimizer, times, t.device):
                 t.engine.step()  # clipping, the AdamW update (times["optimizer"]), the lr scheduler
-            sums.add(loss, stats, seqs.batch, source)
-        with timed("sync", times, t.device):
-            t.rollout.sync_weights(t.engine)  # vLLM engines load the new student weights (HF: nothing to do)
+            sums.add(loss, stats, seqs.batch, mb.source)
+        with timed("sync", times, t.device):  # rollout.overlap: the wait for step+1's rollouts, then the sync
+            times["rollout_wait"] = t.inputs.after_update(step)
         sums = sums.all_reduce()
     t.teacher_tokens += int(sums.tokens)
     return step_record(t, step, sums, times, sources)
@@ -125,11 +126,13 @@ def step_record(t: Trainer, step: int, sums: StepSums, times: dict, sources: lis
         "teacher_tokens": t.teacher_tokens,
         "tokens_per_s": ntok / max(dt, 1e-9),
         "time_step_s": dt,
-        **{f"time_{k}_s": times.get(k, 0.0) for k in ("rollout", "teacher", "loss", "backward", "optimizer")},
+        **{f"time_{k}_s": times.get(k, 0.0) for k in ("teacher", "loss", "backward", "optimizer")},
+        # the main thread's rollout seconds (rollout.overlap: its wait for the background thread's)
+        "time_rollout_s": times.get("rollout", 0.0) + times["rollout_wait"],
         # engine.step outside the AdamW update: gradient norm + clipping, ZeRO/bf16 master-weight copies, scheduler
         "time_clip_s": times.get("engine_step", 0.0) - times.get("optimizer", 0.0),
         "time_train_s": times.get("loss", 0.0) + times.get("backward", 0.0) + times.get("engine_step", 0.0),
-        "time_sync_s": times["sync"],
+        "time_sync_s": times["sync"] - times["rollout_wait"],
         "response_len": sums.response_tokens / max(sums.sequences, 1),
         "source": sources[0] if len(set(sources)) == 1 else ",".join(sources),
     }
@@ -164,9 +167,25 @@ def evaluate_and_log(t: Trainer, logger: Logger, step: int) -> None:
             print(f"opdx.train: warning at step {step}: {rise}", file=sys.stderr, flush=True)
 
 
+def after_step(t: Trainer, logger: Logger, step: int) -> bool:
+    """The eval and the checkpoint due after ``step``; True when train.max_tokens is spent (the same number of
+    teacher-scored tokens for every run of a study)."""
+    cfg = t.cfg
+    budget_spent = bool(cfg.train.max_tokens) and t.teacher_tokens >= cfg.train.max_tokens
+    if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps or budget_spent:
+        evaluate_and_log(t, logger, step)
+    if cfg.save.every and step % cfg.save.every == 0:
+        save_checkpoint(cfg, t.engine, step, t.inputs.sampler_state(), t.teacher_tokens)
+    if budget_spent and rank() == 0:
+        print(f"opdx.train: train.max_tokens={cfg.train.max_tokens} reached at step {step} "
+              f"({t.teacher_tokens} teacher-scored tokens)", flush=True)
+    return budget_spent
+
+
 def run(cfg: Config) -> dict:
     t_start = time.time()
     t = build(cfg)
+    t.inputs = make_inputs(t)  # each step's micro-batches (rollout.overlap: sampled a step ahead)
     out_dir = Path(cfg.train.output_dir)
     logger = Logger(cfg, t.start_step)
     if rank() == 0:
@@ -177,20 +196,15 @@ def run(cfg: Config) -> dict:
         evaluate_and_log(t, logger, 0)
     setup_s = time.time() - t_start
     last = {}
-    for step in range(t.start_step + 1, cfg.train.max_steps + 1):
-        last = train_step(t, step, sources_log)
-        logger.log(last)
-        bar.update(last)
-        budget_spent = bool(cfg.train.max_tokens) and t.teacher_tokens >= cfg.train.max_tokens
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps or budget_spent:
-            evaluate_and_log(t, logger, step)
-        if cfg.save.every and step % cfg.save.every == 0:
-            save_checkpoint(cfg, t.engine, step, t.sampler, t.teacher_tokens)
-        if budget_spent:  # train.max_tokens: the same number of teacher-scored tokens for every run of a study
-            if rank() == 0:
-                print(f"opdx.train: train.max_tokens={cfg.train.max_tokens} reached at step {step} "
-                      f"({t.teacher_tokens} teacher-scored tokens)", flush=True)
-            break
+    try:
+        for step in range(t.start_step + 1, cfg.train.max_steps + 1):
+            last = train_step(t, step, sources_log)
+            logger.log(last)
+            bar.update(last)
+            if after_step(t, logger, step):  # train.max_tokens spent
+                break
+    finally:
+        t.inputs.close()  # rollout.overlap: the background thread's work in flight
     bar.close()
     sources_log.close()
     if cfg.save.final:

@@ -46,12 +46,13 @@ class Sequences:
     rollout: RolloutBatch | None = None
 
 
-def make_sequences(t: Trainer, idx: list[int], source: str, seed: int) -> Sequences:
-    """prompts ``idx`` of the training set + completions from ``source``."""
+def make_sequences(t: Trainer, idx: list[int], source: str, seed: int, rollout=None) -> Sequences:
+    """prompts ``idx`` of the training set + completions from ``source`` (a student rollout: sampled by
+    ``rollout``, default the trainer's)."""
     prompts = [t.data.train_prompts[i] for i in idx]
     rb = None
     if source == "student":
-        rb = t.train_rollout.generate(prompts, seed=seed)
+        rb = (rollout or t.train_rollout).generate(prompts, seed=seed)
         completions = rb.completions()
     elif source == "teacher" and not t.data.pre_sampled:
         r = t.cfg.rollout
