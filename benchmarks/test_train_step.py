@@ -92,6 +92,32 @@ def test_train_step_cpu(benchmark, tmp_path, loss):
     _file_note("cpu")
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_rollout_overlap_cpu(benchmark, tmp_path, nproc, overlap):
+    """rollout.overlap (issue 21): the demo pair on-policy (opd, lmbda 1) with step k+1's rollouts sampled in a
+    background thread while step k trains, beside the same run without; nproc 1 gives the process both cores
+    (torch's threads = 2), nproc 2 one core per rank (the demo's launch)."""
+    from opdx.config import load_config
+
+    demo = load_config(DEMO, [])
+    overrides = CPU_KINDS["opd"] + [f"train.max_steps={_steps(6)}", f"rollout.overlap={str(overlap).lower()}",
+                                    *QUIET]
+    out = {}
+    load = os.getloadavg()[0]
+
+    def run():
+        out["rows"] = run_opdx(overrides, tmp_path / "run", nproc=nproc, config=DEMO,
+                               env={"OMP_NUM_THREADS": "2"} if nproc == 1 else None)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    row = _annotate(summarize(out["rows"]), load)
+    case = {"setup": f"demo-smollm2-135m-L{demo.model.student_layers}", "loss": "opd", "nproc": nproc,
+            "batch": demo.train.micro_batch_size, "max_new_tokens": demo.rollout.max_new_tokens,
+            "dtype": demo.model.dtype}
+    record("rollout_overlap", "cpu", case, "overlap" if overlap else "sequential", row)
+
+
 # ------------------------------------------------------------------------------------------------ GPU vs TRL
 GPU_OPDX_KINDS = {"opdx_gjsd": dict(loss="gjsd", beta=0.5), "opdx_opd": dict(loss="opd"),
                   "opdx_topk64": dict(loss="topk", topk=64)}

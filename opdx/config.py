@@ -77,7 +77,8 @@ class RolloutConfig:
     server_url: str = ""  # vllm server mode: the student's `vllm serve` (started with VLLM_SERVER_DEV_MODE=1)
     sync_dir: str = ""  # vllm: directory the student weights are written to for reload_weights (server: required)
     gpu_memory_utilization: float = 0.3  # vllm colocate on GPU: fraction of GPU memory vLLM may take
-    tensor_parallel_size: int = 1  # vllm colocate: 1 (one engine per rank)
+    # vllm colocate: 1 = one engine per rank; tp > 1 = one engine sharded over each group of tp consecutive ranks
+    tensor_parallel_size: int = 1
     # sample step k+1's student rollouts in a background thread while step k trains (one step of policy lag,
     # corrected by opd's importance ratio; opdx.train.inputs). hf: a frozen copy of the student, ZeRO 0-2
     overlap: bool = False

@@ -134,6 +134,8 @@ def rollout_rules(cfg) -> Rules:
         yield (not r.server_url, "rollout.server_url is set but rollout.engine=hf; set rollout.engine=vllm "
                                  "rollout.mode=server to use it")
         yield not r.sleep, "rollout.sleep=true needs rollout.engine=vllm"
+        yield (r.tensor_parallel_size == 1, f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs "
+                                            "rollout.engine=vllm rollout.mode=colocate (HF rollouts are not sharded)")
         return
     if r.mode == "server":
         yield bool(r.server_url), ("rollout.mode=server needs rollout.server_url=http://HOST:PORT (the student's "
@@ -142,9 +144,10 @@ def rollout_rules(cfg) -> Rules:
                                  "process (the student weights are written there after each step)")
     yield (0.0 < r.gpu_memory_utilization <= 1.0,
            f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
-    yield (r.tensor_parallel_size == 1,
-           f"rollout.tensor_parallel_size={r.tensor_parallel_size} is not supported yet: the colocated engine runs "
-           "one vLLM per training rank (tensor_parallel_size=1); use rollout.mode=server for a sharded student server")
+    yield (r.tensor_parallel_size >= 1 and (r.mode == "colocate" or r.tensor_parallel_size == 1),
+           f"rollout.tensor_parallel_size={r.tensor_parallel_size}: must be >= 1, and > 1 only for rollout.mode="
+           "colocate (a rollout server's own tensor parallelism is set where it is started: vllm serve "
+           "--tensor-parallel-size N)")
     yield r.max_model_len >= 0, f"rollout.max_model_len must be >= 0, got {r.max_model_len}"
     yield (r.timeout > 0 and r.max_retries >= 0 and r.max_concurrency >= 1,
            "rollout.timeout must be > 0, rollout.max_retries >= 0 and rollout.max_concurrency >= 1")

@@ -5,7 +5,8 @@ through the first EOS, vLLM's sampling logprobs of the sampled tokens, finish re
 
 ``rollout.mode: colocate``
     A ``vllm.LLM`` in each training process (``distributed_executor_backend="external_launcher"`` under torchrun:
-    one engine per rank, tensor parallel 1 or the world). `sync_weights(engine)` gathers the student's weights
+    one engine per rank, or with ``rollout.tensor_parallel_size`` = tp > 1 one engine sharded over each group of tp
+    consecutive ranks, which generates the group's gathered prompts: opdx.rollout.tensor_parallel). `sync_weights(engine)` gathers the student's weights
     (ZeRO-3 partitions one parameter at a time via ``deepspeed.zero.GatheredParameters``, LoRA merged into the base
     weights) and loads them with ``collective_rpc("reload_weights", ...)``: an in-memory ``weights_iterator`` when
     the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), else a safetensors directory
@@ -94,8 +95,14 @@ class VLLMColocateRollout:
         if external_launcher is None:  # a torchrun job's process group (not one vLLM made for an earlier engine)
             external_launcher = torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and "RANK" in os.environ
+        self.tp_group = None
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
                       enable_sleep_mode=bool(sleep), enable_prefix_caching=False)
+        if tensor_parallel_size > 1:
+            from opdx.rollout.tensor_parallel import TensorParallelGroup
+
+            self.tp_group = TensorParallelGroup(tensor_parallel_size)
+            kwargs["data_parallel_size"] = torch.distributed.get_world_size() // tensor_parallel_size
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -153,8 +160,14 @@ class VLLMColocateRollout:
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         temperature = self.temperature if temperature is None else temperature
         self._wake()
-        params = self._sampling_params(len(prompts), seed, max_new_tokens, temperature)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        parts = [(prompts, seed)] if self.tp_group is None else self.tp_group.gather(prompts, seed)
+        requests = [{"prompt_token_ids": list(p)} for ps, _ in parts for p in ps]
+        params = [sp for ps, s in parts for sp in self._sampling_params(len(ps), s, max_new_tokens, temperature)]
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        if self.tp_group is not None:  # the group generated every rank's prompts: keep this rank's
+            from opdx.rollout.tensor_parallel import own_rows
+
+            outs = own_rows(outs, parts, self.tp_group.index)
         comps, lps, finish, topk = [], [], [], []
         for i, o in enumerate(outs):
             c = o.outputs[0]
