@@ -102,6 +102,31 @@ def test_a_background_failure_is_raised_in_the_loop():
         run_steps(t, StepInputs(t, engine), 6)
 
 
+def test_a_server_teacher_scores_the_next_step_in_the_background():
+    engine = VersionedEngine()
+    t = fake_trainer(engine, steps=3, grad_accum=1)
+    t.cfg.teacher.server_url = "http://127.0.0.1:1"
+    threads = []
+
+    def score(batch, kind, **kw):
+        threads.append(threading.current_thread().name)
+        return ("signal", kind)
+
+    t.teacher = SimpleNamespace(score=score)
+    t.objective = SimpleNamespace(signal_spec=lambda: SimpleNamespace(teacher_kind="logprobs", temperature=1.0,
+                                                                      topk=0))
+    inputs = StepInputs(t, engine)
+    for step in (1, 2, 3):
+        (mb,) = inputs.take(step)
+        assert mb.signal == ("signal", "logprobs")
+        t.engine.version = step
+        inputs.after_update(step)
+    inputs.close()
+    # step 1 is scored before the background thread starts; steps 2 and 3 in it, while the step before trained
+    assert threads[0] == threading.main_thread().name
+    assert all(name.startswith("opdx-rollout") for name in threads[1:]) and len(threads) == 3
+
+
 @pytest.mark.parametrize("override, message", [
     (["deepspeed.zero_stage=3"], "ZeRO-3"),
     (["loss.teacher_mix_alpha=0.5", "loss.kind=minillm", "loss.lmbda=1"], "teacher_mix_alpha"),
