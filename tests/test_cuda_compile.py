@@ -30,24 +30,27 @@ def test_every_cuda_launch_file_has_a_torch_free_kernel_header():
     assert KERNEL_HEADERS
 
 
-@pytest.mark.skipif(nvcc() is None, reason="nvcc not found")
-@pytest.mark.parametrize("header", KERNEL_HEADERS, ids=os.path.basename)
-def test_kernels_compile_with_nvcc(header, tmp_path):
-    text = open(header).read()
-    assert "OPDX_COMPILE_CHECK" in text, f"{header} needs an OPDX_COMPILE_CHECK instantiation block"
-    src = tmp_path / "check.cu"
+def _kernel_cmd(header, work):
+    src = work / f"check_{os.path.basename(header)}.cu"
     src.write_text(f'#include "{os.path.basename(header)}"\n')
-    cmd = [
-        nvcc(), "-c", str(src), "-o", str(tmp_path / "check.o"), "-std=c++17", "--expt-relaxed-constexpr",
+    return [
+        nvcc(), "-c", str(src), "-o", str(src) + ".o", "-std=c++17", "--expt-relaxed-constexpr",
         "-DOPDX_COMPILE_CHECK", f"-I{ROOT}/csrc/include", f"-I{ROOT}/csrc/cuda",
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
         "-Werror", "all-warnings",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(nvcc() is None, reason="nvcc not found")
+@pytest.mark.parametrize("header", KERNEL_HEADERS, ids=os.path.basename)
+def test_kernels_compile_with_nvcc(header, compiled):
+    text = open(header).read()
+    assert "OPDX_COMPILE_CHECK" in text, f"{header} needs an OPDX_COMPILE_CHECK instantiation block"
+    returncode, stderr = compiled(header)
+    assert returncode == 0, stderr[-4000:]
     # Device code must not spill registers to local memory (it would be far off the bandwidth roofline).
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", proc.stderr)]
-    assert spills and max(spills) == 0, proc.stderr[-4000:]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", stderr)]
+    assert spills and max(spills) == 0, stderr[-4000:]
 
 
 # The CPU torch wheel ships the c10/ATen CUDA headers but not c10's generated CUDA macro header nor the CUDA math
@@ -64,22 +67,46 @@ _STUB_HEADERS = {
 GLUE_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
 
-@pytest.mark.skipif(nvcc() is None, reason="nvcc not found")
-@pytest.mark.parametrize("source", GLUE_FILES, ids=os.path.basename)
-def test_torch_glue_compiles_with_nvcc(source, tmp_path):
+def _glue_cmd(source, work):
     import torch
     from torch.utils.cpp_extension import include_paths
 
     if torch.version.cuda is None:  # a CPU wheel: fill in the headers it lacks
         for name, text in _STUB_HEADERS.items():
-            path = tmp_path / "stub" / name
+            path = work / "stub" / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-    cmd = [
-        nvcc(), "-c", source, "-o", str(tmp_path / "glue.o"), "-std=c++17", "--expt-relaxed-constexpr",
-        f"-I{tmp_path / 'stub'}", f"-I{ROOT}/csrc/include", f"-I{ROOT}/csrc/cuda",
+    return [
+        nvcc(), "-c", source, "-o", str(work / f"{os.path.basename(source)}.o"), "-std=c++17",
+        "--expt-relaxed-constexpr", f"-I{work / 'stub'}", f"-I{ROOT}/csrc/include", f"-I{ROOT}/csrc/cuda",
         *[f"-I{p}" for p in include_paths()], "-gencode=arch=compute_90,code=sm_90",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    errors = [line for line in proc.stderr.splitlines() if " error" in line]
-    assert proc.returncode == 0, "\n".join(errors) or proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Every nvcc compile of this module started at once (as many at a time as there are cores): the
+    compiles are independent and each is single-threaded, so on a 2-core CI box this halves their wall time.
+    Returns ``result(path) -> (returncode, stderr)``, waiting for that file's compile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = tmp_path_factory.mktemp("nvcc")
+    cmds = {h: _kernel_cmd(h, work) for h in KERNEL_HEADERS}
+    cmds.update({g: _glue_cmd(g, work) for g in GLUE_FILES})
+
+    def run(cmd):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        return proc.returncode, proc.stderr
+
+    pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1))
+    futures = {path: pool.submit(run, cmd) for path, cmd in cmds.items()}
+    yield lambda path: futures[path].result()
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.skipif(nvcc() is None, reason="nvcc not found")
+@pytest.mark.parametrize("source", GLUE_FILES, ids=os.path.basename)
+def test_torch_glue_compiles_with_nvcc(source, compiled):
+    returncode, stderr = compiled(source)
+    errors = [line for line in stderr.splitlines() if " error" in line]
+    assert returncode == 0, "\n".join(errors) or stderr[-4000:]
