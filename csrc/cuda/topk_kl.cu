@@ -2,6 +2,7 @@
 // reduction sorts the flat ids here (stable at::sort) and builds the segment/chunk layout with ATen ops.
 // topk_vocab_lse(_bwd) has one device-generic implementation (csrc/cpu/topk_kl.cpp, CompositeExplicitAutograd).
 #include "topk_kl_kernels.cuh"
+#include "topk_kl_teacher_kernels.cuh"
 #include "torch_cuda_utils.h"
 
 namespace opdx {
@@ -203,6 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(const at::Tenso
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor ids, logprobs, lse;
   std::tie(ids, logprobs, lse) = teacher_topk_outputs(logits, k, kMaxTeacherK);
+  TORCH_CHECK(logits.size(-1) <= INT_MAX, "opdx::teacher_topk: the CUDA kernel needs V <= 2^31 - 1, got V=",
+              logits.size(-1), "; run it on CPU or split the vocabulary");
   const int64_t N = lse.numel();
   const RowIndexer rows = make_row_indexer(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "teacher_topk_cuda", [&] {
