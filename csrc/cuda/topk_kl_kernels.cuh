@@ -5,11 +5,14 @@
 //   topk_grad_hidden     one block per row n: each thread owns 16-byte slices of d, Σ_k g_nk·W[I_nk] in registers
 //   topk_grad_weight     deterministic: ids sorted (stable) by the glue; segments of equal ids split into chunks of at
 //                        most kSegChunk positions; a chunk reduces its positions in order (single-chunk segments write
-//                        grad_W directly, longer ones write fp32 partials that a second kernel sums in chunk order)
+//                        grad_W directly, longer ones write fp32 partials that a second kernel sums in chunk order);
+//                        grid-stride over a layout padded to host-side bounds (the glue never synchronizes)
 //   topk_grad_weight_atomic  opt-in (deterministic=False): fp32 atomics into an fp32 [V, d] buffer
 //   topk_gjsd            one thread per row (K is small): topk_math.h
 // teacher_topk's kernel is in topk_kl_teacher_kernels.cuh.
 #pragma once
+
+#include <algorithm>
 
 #include "cuda_common.cuh"
 #include "opdx/topk_math.h"
@@ -131,13 +134,11 @@ struct SegmentLayout {
 };
 
 template <typename scalar_t, typename acc_t, typename out_t, bool kVectorized>
-__global__ void __launch_bounds__(kTopkThreads)
-    topk_grad_weight_chunk_kernel(const acc_t* __restrict__ grad_z, const scalar_t* __restrict__ hidden,
-                                  SegmentLayout seg, int64_t K, int64_t d, acc_t inv_temperature,
-                                  out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
-                                  acc_t* __restrict__ partial, acc_t* __restrict__ partial_bias) {
-  const int64_t c = blockIdx.x;
-  const int64_t u = seg.chunk_seg[c];
+__device__ __forceinline__ void grad_weight_chunk(int64_t c, int64_t u, const acc_t* __restrict__ grad_z,
+                                                  const scalar_t* __restrict__ hidden, const SegmentLayout& seg,
+                                                  int64_t d, acc_t inv_temperature, out_t* __restrict__ grad_weight,
+                                                  out_t* __restrict__ grad_bias, acc_t* __restrict__ partial,
+                                                  acc_t* __restrict__ partial_bias) {
   const int64_t local = c - seg.chunk_off[u];
   const int64_t start = seg.seg_off[u] + local * kSegChunk;
   const int64_t end = min(start + static_cast<int64_t>(kSegChunk), seg.seg_off[u + 1]);
@@ -166,13 +167,26 @@ __global__ void __launch_bounds__(kTopkThreads)
   }
 }
 
-// Sums the partials of each multi-chunk segment in chunk order; one block per segment.
-template <typename acc_t, typename out_t>
+// One block per chunk of the bound: chunk_seg maps the padding chunks to num_segments, whose blocks exit at once (a
+// grid-stride loop here makes ptxas spill).
+template <typename scalar_t, typename acc_t, typename out_t, bool kVectorized>
 __global__ void __launch_bounds__(kTopkThreads)
-    topk_grad_weight_finalize_kernel(SegmentLayout seg, int64_t d, acc_t inv_temperature,
-                                     out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
-                                     const acc_t* __restrict__ partial, const acc_t* __restrict__ partial_bias) {
-  const int64_t u = blockIdx.x;
+    topk_grad_weight_chunk_kernel(const acc_t* __restrict__ grad_z, const scalar_t* __restrict__ hidden,
+                                  SegmentLayout seg, int64_t num_segments, int64_t d, acc_t inv_temperature,
+                                  out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
+                                  acc_t* __restrict__ partial, acc_t* __restrict__ partial_bias) {
+  const int64_t c = blockIdx.x;
+  const int64_t u = seg.chunk_seg[c];
+  if (u >= num_segments) return;
+  grad_weight_chunk<scalar_t, acc_t, out_t, kVectorized>(c, u, grad_z, hidden, seg, d, inv_temperature, grad_weight,
+                                                         grad_bias, partial, partial_bias);
+}
+
+template <typename acc_t, typename out_t>
+__device__ __forceinline__ void finalize_segment(int64_t u, const SegmentLayout& seg, int64_t d,
+                                                 acc_t inv_temperature, out_t* __restrict__ grad_weight,
+                                                 out_t* __restrict__ grad_bias, const acc_t* __restrict__ partial,
+                                                 const acc_t* __restrict__ partial_bias) {
   const int64_t nc = seg.nchunks[u];
   if (nc <= 1) return;
   const int64_t v = seg.seg_ids[u];
@@ -187,6 +201,17 @@ __global__ void __launch_bounds__(kTopkThreads)
     for (int64_t c = 0; c < nc; ++c) s += partial_bias[seg.partial_off[u] + c];
     grad_bias[v] = from_acc<out_t>(s * inv_temperature);
   }
+}
+
+// Sums the partials of each multi-chunk segment in chunk order; grid-stride over the segment bound (padding
+// segments have no chunks).
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kTopkThreads)
+    topk_grad_weight_finalize_kernel(SegmentLayout seg, int64_t num_segments, int64_t d, acc_t inv_temperature,
+                                     out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
+                                     const acc_t* __restrict__ partial, const acc_t* __restrict__ partial_bias) {
+  for (int64_t u = blockIdx.x; u < num_segments; u += gridDim.x)
+    finalize_segment(u, seg, d, inv_temperature, grad_weight, grad_bias, partial, partial_bias);
 }
 
 // Opt-in non-deterministic grad_weight: one warp per (n, k) pair adds g·h_n/T into an fp32/fp64 [V, d] buffer.
@@ -279,29 +304,32 @@ cudaError_t launch_topk_grad_hidden(const acc_t* grad_z, const scalar_t* weight,
   return cudaGetLastError();
 }
 
-// grad_weight and grad_bias must be zero-filled (ids absent from `ids` keep 0); partial holds num_partials·d and
-// partial_bias num_partials entries (may be null when num_partials == 0 / without bias).
+// grad_weight and grad_bias must be zero-filled (ids absent from `ids` keep 0). num_segments, num_chunks and
+// num_partials are the host-side upper bounds the layout is padded to (no host synchronization); partial holds
+// num_partials·d and partial_bias num_partials entries (may be null when num_partials == 0 / without bias).
+constexpr int64_t kMaxGridBlocks = 8192;  // the finalize kernel's grid cap (grid-stride over the segment bound)
+
 template <typename scalar_t, typename acc_t, typename out_t>
 cudaError_t launch_topk_grad_weight(const acc_t* grad_z, const scalar_t* hidden, SegmentLayout seg,
-                                    int64_t num_segments, int64_t num_chunks, int64_t num_partials, int64_t K,
-                                    int64_t d, acc_t inv_temperature, out_t* grad_weight, out_t* grad_bias,
-                                    acc_t* partial, acc_t* partial_bias, cudaStream_t stream) {
+                                    int64_t num_segments, int64_t num_chunks, int64_t num_partials, int64_t d,
+                                    acc_t inv_temperature, out_t* grad_weight, out_t* grad_bias, acc_t* partial,
+                                    acc_t* partial_bias, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   const bool vec = rows_vectorizable<scalar_t>(hidden, hidden, d);
   const int threads = threads_for_dim<scalar_t>(d, vec);
   acc_t* pb = grad_bias ? partial_bias : nullptr;
+  const unsigned chunk_blocks = static_cast<unsigned>(num_chunks);
   if (vec)
-    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, true>
-        <<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(grad_z, hidden, seg, K, d, inv_temperature,
-                                                                      grad_weight, grad_bias, partial, pb);
+    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, true><<<chunk_blocks, threads, 0, stream>>>(
+        grad_z, hidden, seg, num_segments, d, inv_temperature, grad_weight, grad_bias, partial, pb);
   else
-    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, false>
-        <<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(grad_z, hidden, seg, K, d, inv_temperature,
-                                                                      grad_weight, grad_bias, partial, pb);
+    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, false><<<chunk_blocks, threads, 0, stream>>>(
+        grad_z, hidden, seg, num_segments, d, inv_temperature, grad_weight, grad_bias, partial, pb);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || num_partials == 0) return err;
-  topk_grad_weight_finalize_kernel<acc_t, out_t><<<static_cast<unsigned>(num_segments), kTopkThreads, 0, stream>>>(
-      seg, d, inv_temperature, grad_weight, grad_bias, partial, pb);
+  const unsigned seg_blocks = static_cast<unsigned>(std::min(num_segments, kMaxGridBlocks));
+  topk_grad_weight_finalize_kernel<acc_t, out_t><<<seg_blocks, kTopkThreads, 0, stream>>>(
+      seg, num_segments, d, inv_temperature, grad_weight, grad_bias, partial, pb);
   return cudaGetLastError();
 }
 
@@ -335,8 +363,8 @@ cudaError_t launch_topk_gjsd(const acc_t* z, const acc_t* t, const acc_t* studen
   template cudaError_t opdx::cuda::launch_topk_grad_hidden<scalar_t, acc_t, out_t>(                                  \
       const acc_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, out_t*, cudaStream_t);        \
   template cudaError_t opdx::cuda::launch_topk_grad_weight<scalar_t, acc_t, out_t>(                                  \
-      const acc_t*, const scalar_t*, opdx::cuda::SegmentLayout, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t,  \
-      out_t*, out_t*, acc_t*, acc_t*, cudaStream_t);
+      const acc_t*, const scalar_t*, opdx::cuda::SegmentLayout, int64_t, int64_t, int64_t, int64_t, acc_t, out_t*,   \
+      out_t*, acc_t*, acc_t*, cudaStream_t);
 #define OPDX_INSTANTIATE_TOPK(scalar_t, acc_t)                                                                       \
   template cudaError_t opdx::cuda::launch_topk_gather_dot<scalar_t, acc_t>(                                          \
       const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, acc_t*,  \
