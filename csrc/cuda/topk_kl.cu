@@ -1,7 +1,9 @@
-// Torch glue for the CUDA top-k KL ops; the kernels are in topk_kl_kernels.cuh. The deterministic grad_weight
-// reduction sorts the flat ids here (stable at::sort) and builds the segment/chunk layout with ATen ops.
+// Torch glue for the CUDA top-k KL ops; the kernels are in topk_kl_kernels.cuh and topk_kl_teacher_kernels.cuh. The
+// deterministic grad_weight reduction sorts the flat ids here (stable at::sort) and builds the segment/chunk layout
+// with ATen ops, without a host synchronization.
 // topk_vocab_lse(_bwd) has one device-generic implementation (csrc/cpu/topk_kl.cpp, CompositeExplicitAutograd).
 #include "topk_kl_kernels.cuh"
+#include "topk_kl_teacher_kernels.cuh"
 #include "torch_cuda_utils.h"
 
 namespace opdx {
@@ -46,10 +48,13 @@ at::Tensor topk_gather_dot_cuda(const at::Tensor& hidden, const at::Tensor& weig
   return z;
 }
 
-// The sorted-id segment layout of topk_kl_kernels.cuh (SegmentLayout); owns its tensors.
+// The sorted-id segment layout of topk_kl_kernels.cuh (SegmentLayout); owns its tensors. Built without a host
+// synchronization: the number of distinct ids U, of chunks and of partials are data-dependent, so every array is
+// sized by a host-side upper bound and padded (segments u >= U are empty, chunks past the last map to segment
+// num_segments); the kernels skip the padding.
 struct SegmentTensors {
   at::Tensor order, order_row, seg_ids, seg_off, chunk_seg, chunk_off, nchunks, partial_off;
-  int64_t num_segments = 0, num_chunks = 0, num_partials = 0;
+  int64_t num_segments = 0, num_chunks = 0, num_partials = 0;  // upper bounds
 
   SegmentLayout layout() const {
     return {order.const_data_ptr<int64_t>(),     order_row.const_data_ptr<int64_t>(),
@@ -59,32 +64,36 @@ struct SegmentTensors {
   }
 };
 
-SegmentTensors build_segments(const at::Tensor& ids) {
+// Bounds: U <= min(P, V); Σ_u ceil(c_u / kSegChunk) <= P / kSegChunk + U; a multi-chunk segment has c_u > kSegChunk,
+// so its ceil(c_u / kSegChunk) <= 2·c_u / kSegChunk and the partials total at most 2P / kSegChunk.
+SegmentTensors build_segments(const at::Tensor& ids, int64_t V) {
   SegmentTensors s;
   const int64_t K = ids.size(1);
   const at::Tensor flat = ids.reshape({-1});
+  const int64_t P = flat.numel();
+  const auto lopts = flat.options();
   at::Tensor sorted;
   std::tie(sorted, s.order) = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   s.order = s.order.contiguous();
   s.order_row = at::div(s.order, K, "floor").contiguous();
-  at::Tensor counts;
-  std::tie(s.seg_ids, std::ignore, counts) = at::unique_consecutive(sorted, /*return_inverse=*/false,
-                                                                    /*return_counts=*/true);
-  s.seg_ids = s.seg_ids.contiguous();
-  const auto lopts = flat.options();
-  s.num_segments = s.seg_ids.numel();
-  s.seg_off = at::zeros({s.num_segments + 1}, lopts);
-  s.seg_off.slice(0, 1).copy_(counts.cumsum(0));
+  s.num_segments = std::min(P, V);
+  s.num_chunks = P / kSegChunk + s.num_segments;
+  s.num_partials = 2 * P / kSegChunk;
+  // segment of each sorted position (nondecreasing), then each segment's first position by binary search
+  at::Tensor starts = at::ones({P}, lopts);
+  starts.slice(0, 1).copy_(sorted.slice(0, 1).ne(sorted.slice(0, 0, P - 1)));
+  const at::Tensor seg_of = starts.cumsum(0).sub_(1);
+  s.seg_off = at::searchsorted(seg_of, at::arange(s.num_segments + 1, lopts)).contiguous();  // P for u >= U
+  s.seg_ids = sorted.index_select(0, s.seg_off.slice(0, 0, s.num_segments).clamp_max(P - 1)).contiguous();
+  const at::Tensor counts = s.seg_off.slice(0, 1) - s.seg_off.slice(0, 0, s.num_segments);
   s.nchunks = at::div(counts + (kSegChunk - 1), kSegChunk, "floor").contiguous();
   const at::Tensor chunk_end = s.nchunks.cumsum(0);
   s.chunk_off = (chunk_end - s.nchunks).contiguous();
   const at::Tensor npart = at::where(s.nchunks.gt(1), s.nchunks, at::zeros_like(s.nchunks));
-  const at::Tensor part_end = npart.cumsum(0);
-  s.partial_off = (part_end - npart).contiguous();
-  const at::Tensor totals = at::stack({chunk_end[-1], part_end[-1]}).cpu();  // one synchronization
-  s.num_chunks = totals[0].item<int64_t>();
-  s.num_partials = totals[1].item<int64_t>();
-  s.chunk_seg = at::repeat_interleave(s.nchunks, std::optional<int64_t>(s.num_chunks)).contiguous();
+  s.partial_off = (npart.cumsum(0) - npart).contiguous();
+  // chunk c belongs to the first segment whose chunks end after c (num_segments for the padding chunks)
+  s.chunk_seg = at::searchsorted(chunk_end, at::arange(s.num_chunks, lopts), /*out_int32=*/false, /*right=*/true)
+                    .contiguous();
   return s;
 }
 
@@ -105,12 +114,12 @@ void grad_weight_into(const at::Tensor& grad_z, const at::Tensor& hidden, const 
                                                              stream),
                "topk_grad_hidden");
   if (deterministic) {
-    const SegmentTensors seg = build_segments(ids);
+    const SegmentTensors seg = build_segments(ids, V);
     at::Tensor partial = at::empty({seg.num_partials, d}, hidden.options().dtype(acc));
     at::Tensor partial_b = at::empty({has_bias ? seg.num_partials : 0}, hidden.options().dtype(acc));
     check_launch(launch_topk_grad_weight<cuda_t, acc_t, out_t>(
                      grad_z.const_data_ptr<acc_t>(), h, seg.layout(), seg.num_segments, seg.num_chunks,
-                     seg.num_partials, K, d, inv_t, grad_w, has_bias ? grad_b : nullptr,
+                     seg.num_partials, d, inv_t, grad_w, has_bias ? grad_b : nullptr,
                      seg.num_partials > 0 ? partial.mutable_data_ptr<acc_t>() : nullptr,
                      (has_bias && seg.num_partials > 0) ? partial_b.mutable_data_ptr<acc_t>() : nullptr, stream),
                  "topk_grad_weight");
@@ -203,6 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_topk_cuda(const at::Tenso
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor ids, logprobs, lse;
   std::tie(ids, logprobs, lse) = teacher_topk_outputs(logits, k, kMaxTeacherK);
+  TORCH_CHECK(logits.size(-1) <= INT_MAX, "opdx::teacher_topk: the CUDA kernel needs V <= 2^31 - 1, got V=",
+              logits.size(-1), "; run it on CPU or split the vocabulary");
   const int64_t N = lse.numel();
   const RowIndexer rows = make_row_indexer(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "teacher_topk_cuda", [&] {

@@ -5,13 +5,14 @@
 //   topk_grad_hidden     one block per row n: each thread owns 16-byte slices of d, Σ_k g_nk·W[I_nk] in registers
 //   topk_grad_weight     deterministic: ids sorted (stable) by the glue; segments of equal ids split into chunks of at
 //                        most kSegChunk positions; a chunk reduces its positions in order (single-chunk segments write
-//                        grad_W directly, longer ones write fp32 partials that a second kernel sums in chunk order)
+//                        grad_W directly, longer ones write fp32 partials that a second kernel sums in chunk order);
+//                        grid-stride over a layout padded to host-side bounds (the glue never synchronizes)
 //   topk_grad_weight_atomic  opt-in (deterministic=False): fp32 atomics into an fp32 [V, d] buffer
 //   topk_gjsd            one thread per row (K is small): topk_math.h
-//   teacher_topk         one block per row: online logsumexp fused into the first pass of an 11-bit radix select of
-//                        the k-th largest key, a collection pass (key > threshold by atomics; ties at the threshold
-//                        taken in index order when not all fit), and a rank sort of the k candidates in shared memory
+// teacher_topk's kernel is in topk_kl_teacher_kernels.cuh.
 #pragma once
+
+#include <algorithm>
 
 #include "cuda_common.cuh"
 #include "opdx/topk_math.h"
@@ -22,7 +23,6 @@ namespace cuda {
 constexpr int kTopkThreads = 256;  // threads of the per-row kernels
 constexpr int kDotWarps = 8;       // (n, k) pairs per block of the gather-dot
 constexpr int kSegChunk = 256;     // positions per grad_weight chunk
-constexpr int kMaxTeacherK = 1024;  // teacher_topk's k limit (shared-memory candidate buffer)
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T x) {
@@ -134,13 +134,11 @@ struct SegmentLayout {
 };
 
 template <typename scalar_t, typename acc_t, typename out_t, bool kVectorized>
-__global__ void __launch_bounds__(kTopkThreads)
-    topk_grad_weight_chunk_kernel(const acc_t* __restrict__ grad_z, const scalar_t* __restrict__ hidden,
-                                  SegmentLayout seg, int64_t K, int64_t d, acc_t inv_temperature,
-                                  out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
-                                  acc_t* __restrict__ partial, acc_t* __restrict__ partial_bias) {
-  const int64_t c = blockIdx.x;
-  const int64_t u = seg.chunk_seg[c];
+__device__ __forceinline__ void grad_weight_chunk(int64_t c, int64_t u, const acc_t* __restrict__ grad_z,
+                                                  const scalar_t* __restrict__ hidden, const SegmentLayout& seg,
+                                                  int64_t d, acc_t inv_temperature, out_t* __restrict__ grad_weight,
+                                                  out_t* __restrict__ grad_bias, acc_t* __restrict__ partial,
+                                                  acc_t* __restrict__ partial_bias) {
   const int64_t local = c - seg.chunk_off[u];
   const int64_t start = seg.seg_off[u] + local * kSegChunk;
   const int64_t end = min(start + static_cast<int64_t>(kSegChunk), seg.seg_off[u + 1]);
@@ -169,13 +167,26 @@ __global__ void __launch_bounds__(kTopkThreads)
   }
 }
 
-// Sums the partials of each multi-chunk segment in chunk order; one block per segment.
-template <typename acc_t, typename out_t>
+// One block per chunk of the bound: chunk_seg maps the padding chunks to num_segments, whose blocks exit at once (a
+// grid-stride loop here makes ptxas spill).
+template <typename scalar_t, typename acc_t, typename out_t, bool kVectorized>
 __global__ void __launch_bounds__(kTopkThreads)
-    topk_grad_weight_finalize_kernel(SegmentLayout seg, int64_t d, acc_t inv_temperature,
-                                     out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
-                                     const acc_t* __restrict__ partial, const acc_t* __restrict__ partial_bias) {
-  const int64_t u = blockIdx.x;
+    topk_grad_weight_chunk_kernel(const acc_t* __restrict__ grad_z, const scalar_t* __restrict__ hidden,
+                                  SegmentLayout seg, int64_t num_segments, int64_t d, acc_t inv_temperature,
+                                  out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
+                                  acc_t* __restrict__ partial, acc_t* __restrict__ partial_bias) {
+  const int64_t c = blockIdx.x;
+  const int64_t u = seg.chunk_seg[c];
+  if (u >= num_segments) return;
+  grad_weight_chunk<scalar_t, acc_t, out_t, kVectorized>(c, u, grad_z, hidden, seg, d, inv_temperature, grad_weight,
+                                                         grad_bias, partial, partial_bias);
+}
+
+template <typename acc_t, typename out_t>
+__device__ __forceinline__ void finalize_segment(int64_t u, const SegmentLayout& seg, int64_t d,
+                                                 acc_t inv_temperature, out_t* __restrict__ grad_weight,
+                                                 out_t* __restrict__ grad_bias, const acc_t* __restrict__ partial,
+                                                 const acc_t* __restrict__ partial_bias) {
   const int64_t nc = seg.nchunks[u];
   if (nc <= 1) return;
   const int64_t v = seg.seg_ids[u];
@@ -190,6 +201,17 @@ __global__ void __launch_bounds__(kTopkThreads)
     for (int64_t c = 0; c < nc; ++c) s += partial_bias[seg.partial_off[u] + c];
     grad_bias[v] = from_acc<out_t>(s * inv_temperature);
   }
+}
+
+// Sums the partials of each multi-chunk segment in chunk order; grid-stride over the segment bound (padding
+// segments have no chunks).
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kTopkThreads)
+    topk_grad_weight_finalize_kernel(SegmentLayout seg, int64_t num_segments, int64_t d, acc_t inv_temperature,
+                                     out_t* __restrict__ grad_weight, out_t* __restrict__ grad_bias,
+                                     const acc_t* __restrict__ partial, const acc_t* __restrict__ partial_bias) {
+  for (int64_t u = blockIdx.x; u < num_segments; u += gridDim.x)
+    finalize_segment(u, seg, d, inv_temperature, grad_weight, grad_bias, partial, partial_bias);
 }
 
 // Opt-in non-deterministic grad_weight: one warp per (n, k) pair adds g·h_n/T into an fp32/fp64 [V, d] buffer.
@@ -227,169 +249,6 @@ __global__ void topk_gjsd_kernel(const acc_t* __restrict__ z, const acc_t* __res
   loss[n] = topk_gjsd_row<acc_t>(
       K, [&](int64_t k) { return zr[k]; }, [&](int64_t k) { return tr[k]; }, tail, tail ? student_lse[n] : acc_t(0),
       beta, [&](int64_t k, acc_t v) { gr[k] = v; }, tail ? grad_lse + n : nullptr);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// teacher_topk
-// ---------------------------------------------------------------------------------------------------------------
-// The radix select works on topk_order_key (topk_math.h: the CPU kernel's order too).
-template <typename acc_t>
-struct OrderedKey {
-  using type = decltype(topk_order_key(acc_t(0)));
-  __device__ __forceinline__ static type of(acc_t x) { return topk_order_key(x); }
-};
-
-// Calls f(i, value_i) for every element of a row, with 16-byte vector loads for the aligned body.
-template <typename scalar_t, typename acc_t, typename F>
-__device__ __forceinline__ void for_each_in_row(const scalar_t* row, int64_t V, F f) {
-  const RowSplit<scalar_t> split(row, V);
-  constexpr int kVec = RowSplit<scalar_t>::kVec;
-  for (int64_t i = threadIdx.x; i < split.head; i += blockDim.x) f(i, to_acc<acc_t>(row[i]));
-  const scalar_t* body = row + split.head;
-  for (int64_t i = threadIdx.x; i < split.nvec; i += blockDim.x) {
-    const VecOf<scalar_t> vec = load_vec(body + i * kVec);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) f(split.head + i * kVec + j, to_acc<acc_t>(vec.v[j]));
-  }
-  for (int64_t i = split.tail0 + threadIdx.x; i < V; i += blockDim.x) f(i, to_acc<acc_t>(row[i]));
-}
-
-constexpr int kRadixBits = 11;
-constexpr int kRadixBins = 1 << kRadixBits;
-
-// No __launch_bounds__: with it ptxas (nvcc 13.0, sm_80) spills this kernel; at 256 threads a block can never lack
-// registers (256 × 255 <= 64k).
-template <typename scalar_t, typename acc_t>
-__global__ void teacher_topk_kernel(const scalar_t* __restrict__ logits, RowIndexer rows, int64_t V, int k, acc_t inv_temperature,
-                        int64_t* __restrict__ ids_out, acc_t* __restrict__ lp_out, acc_t* __restrict__ lse_out) {
-  using key_t = typename OrderedKey<acc_t>::type;
-  constexpr int kKeyBits = static_cast<int>(sizeof(key_t) * 8);
-  constexpr int kPasses = (kKeyBits + kRadixBits - 1) / kRadixBits;
-  __shared__ unsigned int hist[kRadixBins];
-  __shared__ key_t cand_key[kMaxTeacherK];
-  __shared__ int64_t cand_id[kMaxTeacherK];
-  __shared__ int sel_bin;
-  __shared__ int sel_above;
-  __shared__ int n_cand;
-  __shared__ int warp_counts[kTopkThreads / kWarpSize];
-
-  const int64_t r = blockIdx.x;
-  const scalar_t* row = logits + rows.offset(r);
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-
-  key_t prefix = 0, prefix_mask = 0;
-  int remaining = k;  // how many of the still-matching keys belong to the top-k
-  int tie_count = 0;  // elements whose key equals the final threshold
-  SoftmaxStats<acc_t> st = SoftmaxStats<acc_t>::empty();
-#pragma unroll 1
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const int hi = kKeyBits - pass * kRadixBits;
-    const int shift = hi > kRadixBits ? hi - kRadixBits : 0;
-    const int width = hi - shift;
-    const int nbins = 1 << width;
-    for (int i = threadIdx.x; i < nbins; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    const key_t digit_mask = static_cast<key_t>(nbins - 1);
-    for_each_in_row<scalar_t, acc_t>(row, V, [&](int64_t, acc_t x) {
-      if (pass == 0) st.add(x * inv_temperature);
-      const key_t key = OrderedKey<acc_t>::of(x);
-      if ((key & prefix_mask) == prefix) atomicAdd(&hist[static_cast<int>((key >> shift) & digit_mask)], 1u);
-    });
-    __syncthreads();
-    // Warp 0 finds the bin holding the remaining-th largest key: lanes own contiguous ranges of bins, a suffix scan
-    // over lanes finds the lane, that lane scans its range from the top.
-    if (warp == 0) {
-      const int per = nbins / kWarpSize;
-      int own = 0;
-      for (int j = 0; j < per; ++j) own += static_cast<int>(hist[lane * per + j]);
-      int suffix = own;  // Σ over lanes >= lane
-#pragma unroll
-      for (int m = 1; m < kWarpSize; m <<= 1) {
-        const int other = __shfl_down_sync(0xffffffffu, suffix, m);
-        if (lane + m < kWarpSize) suffix += other;
-      }
-      const unsigned ok = __ballot_sync(0xffffffffu, suffix >= remaining);
-      const int owner = kWarpSize - 1 - __clz(static_cast<int>(ok));
-      if (lane == owner) {
-        int above = suffix - own;
-        int bin = lane * per;
-        for (int j = per - 1; j >= 0; --j) {
-          const int c = static_cast<int>(hist[lane * per + j]);
-          if (above + c >= remaining) {
-            bin = lane * per + j;
-            break;
-          }
-          above += c;
-        }
-        sel_bin = bin;
-        sel_above = above;
-      }
-    }
-    __syncthreads();
-    remaining -= sel_above;
-    tie_count = static_cast<int>(hist[sel_bin]);
-    prefix |= static_cast<key_t>(sel_bin) << shift;
-    prefix_mask |= digit_mask << shift;
-    __syncthreads();  // hist is cleared by the next pass
-  }
-  st = block_merge_stats(st);
-  const acc_t row_lse = st.logsumexp();
-  const key_t thr = prefix;
-
-  // Collect: keys above the threshold (and the threshold's ties when all of them are taken) by atomics; the final
-  // order comes from the rank sort below, so the result is deterministic.
-  if (threadIdx.x == 0) n_cand = 0;
-  __syncthreads();
-  const bool take_all_ties = tie_count == remaining;
-  for_each_in_row<scalar_t, acc_t>(row, V, [&](int64_t i, acc_t x) {
-    const key_t key = OrderedKey<acc_t>::of(x);
-    if (key > thr || (take_all_ties && key == thr)) {
-      const int slot = atomicAdd(&n_cand, 1);
-      cand_key[slot] = key;
-      cand_id[slot] = i;
-    }
-  });
-  __syncthreads();
-  if (!take_all_ties) {
-    // Only the `remaining` smallest indices among the ties: scan the row in index order, block-wide ranks.
-    int taken = 0;
-    const int base = k - remaining;
-    for (int64_t start = 0; start < V && taken < remaining; start += blockDim.x) {
-      const int64_t i = start + threadIdx.x;
-      const bool is_tie = i < V && OrderedKey<acc_t>::of(to_acc<acc_t>(row[i])) == thr;
-      const unsigned ballot = __ballot_sync(0xffffffffu, is_tie);
-      if (lane == 0) warp_counts[warp] = __popc(ballot);
-      __syncthreads();
-      int before = 0, total = 0;
-      for (int w = 0; w < static_cast<int>(blockDim.x / kWarpSize); ++w) {
-        if (w < warp) before += warp_counts[w];
-        total += warp_counts[w];
-      }
-      const int rank = taken + before + __popc(ballot & ((1u << lane) - 1u));
-      if (is_tie && rank < remaining) {
-        cand_key[base + rank] = thr;
-        cand_id[base + rank] = i;
-      }
-      taken += total;
-      __syncthreads();  // warp_counts is rewritten next iteration
-    }
-  }
-  __syncthreads();
-
-  // Rank sort by (key desc, id asc) and write out.
-  for (int a = threadIdx.x; a < k; a += blockDim.x) {
-    const key_t ka = cand_key[a];
-    const int64_t ia = cand_id[a];
-    int rank = 0;
-    for (int b = 0; b < k; ++b) {
-      const key_t kb = cand_key[b];
-      rank += (kb > ka || (kb == ka && cand_id[b] < ia)) ? 1 : 0;
-    }
-    ids_out[r * k + rank] = ia;
-    lp_out[r * k + rank] = to_acc<acc_t>(row[ia]) * inv_temperature - row_lse;
-  }
-  if (threadIdx.x == 0) lse_out[r] = row_lse;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -445,29 +304,32 @@ cudaError_t launch_topk_grad_hidden(const acc_t* grad_z, const scalar_t* weight,
   return cudaGetLastError();
 }
 
-// grad_weight and grad_bias must be zero-filled (ids absent from `ids` keep 0); partial holds num_partials·d and
-// partial_bias num_partials entries (may be null when num_partials == 0 / without bias).
+// grad_weight and grad_bias must be zero-filled (ids absent from `ids` keep 0). num_segments, num_chunks and
+// num_partials are the host-side upper bounds the layout is padded to (no host synchronization); partial holds
+// num_partials·d and partial_bias num_partials entries (may be null when num_partials == 0 / without bias).
+constexpr int64_t kMaxGridBlocks = 8192;  // the finalize kernel's grid cap (grid-stride over the segment bound)
+
 template <typename scalar_t, typename acc_t, typename out_t>
 cudaError_t launch_topk_grad_weight(const acc_t* grad_z, const scalar_t* hidden, SegmentLayout seg,
-                                    int64_t num_segments, int64_t num_chunks, int64_t num_partials, int64_t K,
-                                    int64_t d, acc_t inv_temperature, out_t* grad_weight, out_t* grad_bias,
-                                    acc_t* partial, acc_t* partial_bias, cudaStream_t stream) {
+                                    int64_t num_segments, int64_t num_chunks, int64_t num_partials, int64_t d,
+                                    acc_t inv_temperature, out_t* grad_weight, out_t* grad_bias, acc_t* partial,
+                                    acc_t* partial_bias, cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   const bool vec = rows_vectorizable<scalar_t>(hidden, hidden, d);
   const int threads = threads_for_dim<scalar_t>(d, vec);
   acc_t* pb = grad_bias ? partial_bias : nullptr;
+  const unsigned chunk_blocks = static_cast<unsigned>(num_chunks);
   if (vec)
-    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, true>
-        <<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(grad_z, hidden, seg, K, d, inv_temperature,
-                                                                      grad_weight, grad_bias, partial, pb);
+    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, true><<<chunk_blocks, threads, 0, stream>>>(
+        grad_z, hidden, seg, num_segments, d, inv_temperature, grad_weight, grad_bias, partial, pb);
   else
-    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, false>
-        <<<static_cast<unsigned>(num_chunks), threads, 0, stream>>>(grad_z, hidden, seg, K, d, inv_temperature,
-                                                                      grad_weight, grad_bias, partial, pb);
+    topk_grad_weight_chunk_kernel<scalar_t, acc_t, out_t, false><<<chunk_blocks, threads, 0, stream>>>(
+        grad_z, hidden, seg, num_segments, d, inv_temperature, grad_weight, grad_bias, partial, pb);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || num_partials == 0) return err;
-  topk_grad_weight_finalize_kernel<acc_t, out_t><<<static_cast<unsigned>(num_segments), kTopkThreads, 0, stream>>>(
-      seg, d, inv_temperature, grad_weight, grad_bias, partial, pb);
+  const unsigned seg_blocks = static_cast<unsigned>(std::min(num_segments, kMaxGridBlocks));
+  topk_grad_weight_finalize_kernel<acc_t, out_t><<<seg_blocks, kTopkThreads, 0, stream>>>(
+      seg, num_segments, d, inv_temperature, grad_weight, grad_bias, partial, pb);
   return cudaGetLastError();
 }
 
@@ -492,17 +354,6 @@ cudaError_t launch_topk_gjsd(const acc_t* z, const acc_t* t, const acc_t* studen
   return cudaGetLastError();
 }
 
-template <typename scalar_t, typename acc_t>
-cudaError_t launch_teacher_topk(const scalar_t* logits, RowIndexer rows, int64_t N, int64_t V, int k,
-                                acc_t inv_temperature, int64_t* ids, acc_t* logprobs, acc_t* lse,
-                                cudaStream_t stream) {
-  if (N == 0) return cudaSuccess;
-  if (k < 1 || k > kMaxTeacherK || k > V) return cudaErrorInvalidValue;
-  teacher_topk_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), kTopkThreads, 0, stream>>>(
-      logits, rows, V, k, inv_temperature, ids, logprobs, lse);
-  return cudaGetLastError();
-}
-
 }  // namespace cuda
 }  // namespace opdx
 
@@ -512,17 +363,15 @@ cudaError_t launch_teacher_topk(const scalar_t* logits, RowIndexer rows, int64_t
   template cudaError_t opdx::cuda::launch_topk_grad_hidden<scalar_t, acc_t, out_t>(                                  \
       const acc_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, out_t*, cudaStream_t);        \
   template cudaError_t opdx::cuda::launch_topk_grad_weight<scalar_t, acc_t, out_t>(                                  \
-      const acc_t*, const scalar_t*, opdx::cuda::SegmentLayout, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t,  \
-      out_t*, out_t*, acc_t*, acc_t*, cudaStream_t);
+      const acc_t*, const scalar_t*, opdx::cuda::SegmentLayout, int64_t, int64_t, int64_t, int64_t, acc_t, out_t*,   \
+      out_t*, acc_t*, acc_t*, cudaStream_t);
 #define OPDX_INSTANTIATE_TOPK(scalar_t, acc_t)                                                                       \
   template cudaError_t opdx::cuda::launch_topk_gather_dot<scalar_t, acc_t>(                                          \
       const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, acc_t*,  \
       cudaStream_t);                                                                                                 \
   template cudaError_t opdx::cuda::launch_topk_grad_weight_atomic<scalar_t, acc_t>(                                  \
       const acc_t*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, acc_t, acc_t*, acc_t*,              \
-      cudaStream_t);                                                                                                 \
-  template cudaError_t opdx::cuda::launch_teacher_topk<scalar_t, acc_t>(                                             \
-      const scalar_t*, opdx::RowIndexer, int64_t, int64_t, int, acc_t, int64_t*, acc_t*, acc_t*, cudaStream_t);
+      cudaStream_t);
 OPDX_INSTANTIATE_TOPK(float, float)
 OPDX_INSTANTIATE_TOPK(__half, float)
 OPDX_INSTANTIATE_TOPK(__nv_bfloat16, float)

@@ -36,6 +36,20 @@ OPDX_HD uint64_t topk_order_key(double x) {
   return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
 }
 
+// The value a key came from: exact, except that ±0 give +0 and NaN keys a NaN.
+OPDX_HD float topk_key_value(uint32_t key) {
+  const uint32_t b = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  float x;
+  memcpy(&x, &b, sizeof(x));
+  return x;
+}
+OPDX_HD double topk_key_value(uint64_t key) {
+  const uint64_t b = (key & 0x8000000000000000ull) ? (key & 0x7fffffffffffffffull) : ~key;
+  double x;
+  memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
 template <typename acc_t>
 OPDX_HD acc_t tiny_mass();
 template <>
