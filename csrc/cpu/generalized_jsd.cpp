@@ -53,8 +53,10 @@ template <int kMode, typename scalar_t, typename acc_t>
 RowConstants<acc_t> row_constants(const scalar_t* __restrict__ srow, const scalar_t* __restrict__ trow, int64_t V,
                                   acc_t beta, acc_t invT, bool with_anchor, acc_t* xs, acc_t* xt) {
   const RowSlices slices{V, kChunk};
-  const RowPartial<acc_t> row = merge_in_rank_order<RowPartial<acc_t>>(
-      static_cast<int>(slices.count()), [&](int k) { return slice_partial<kMode>(srow, trow, slices, k, invT, xs, xt); });
+  const RowPartial<acc_t> row =
+      merge_in_rank_order<RowPartial<acc_t>>(static_cast<int>(slices.count()), [&](int k) {
+        return slice_partial<kMode>(srow, trow, slices, k, invT, xs, xt);
+      });
   RowConstants<acc_t> rc{beta, invT, row.student.logsumexp(), row.teacher.logsumexp(), acc_t(0), acc_t(0)};
   rc.c = rc.lse_t - rc.lse_s;
   if (kMode != kJsdForwardKL && with_anchor) {

@@ -2,10 +2,11 @@
 // Torch-free (see cuda_common.cuh).
 //
 // Which path runs: launch_generalized_jsd_fwd uses the cluster kernel below when the device is sm_90 or newer, the
-// kernel was built for it (SASS of sm_90+), and each block's slice of BOTH rows fits its shared-memory budget with a
-// cluster of C in {1, 2, 4, 8} blocks per row (the smallest C that fits; bf16/fp16 rows up to ~400k entries, fp32 up
-// to ~200k, fp64 up to ~100k); otherwise the one-block-per-row kernel of generalized_jsd_kernels.cuh (three reads of
-// the rows, relying on L2).
+// kernel's code was compiled for sm_90+ (cudaFuncGetAttributes), each block's slice of BOTH rows fits its
+// shared-memory budget with a cluster of C in {1, 2, 4, 8} blocks per row (the smallest C that fits; bf16/fp16 rows
+// up to ~400k entries, fp32 up to ~200k, fp64 up to ~100k) and the device can co-schedule such a cluster
+// (cudaOccupancyMaxActiveClusters); otherwise the one-block-per-row kernel of generalized_jsd_kernels.cuh (three
+// reads of the rows, relying on L2).
 //
 // Cluster kernel: block `rank` of a row's cluster owns the contiguous slice `rank` (row_slices.h) of the student and
 // the teacher row. Pass 1 reads its slice from HBM once (16-byte vector loads when both rows share their alignment),
@@ -13,7 +14,7 @@
 // dynamic shared memory (input dtype). The blocks' partials are exchanged through distributed shared memory and
 // merged in rank order 0..C-1, so every block holds identical lse_s, lse_t and argmax; passes 2 (loss, row total:
 // merged the same way) and 3 (the gradient, 16-byte stores) read shared memory only. HBM traffic per row:
-// 2·V·sizeof(scalar_t) read + V·sizeof(grad_t) written.
+// 2·V·sizeof(scalar_t) read + V·sizeof(grad_t) written (+ the two logits at the argmax, the gradient anchor).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -72,9 +73,9 @@ __global__ void generalized_jsd_cluster_kernel(const scalar_t* __restrict__ stud
   const scalar_t* __restrict__ sg = srow + begin;
   const scalar_t* __restrict__ tg = trow + begin;
   extern __shared__ __align__(16) unsigned char cluster_smem[];
-  scalar_t* ss = reinterpret_cast<scalar_t*>(cluster_smem) + ClusterSmem<scalar_t>::shift(sg);
-  scalar_t* ts =
-      reinterpret_cast<scalar_t*>(cluster_smem) + ClusterSmem<scalar_t>::region(slice_len) + ClusterSmem<scalar_t>::shift(tg);
+  using Smem = ClusterSmem<scalar_t>;
+  scalar_t* ss = reinterpret_cast<scalar_t*>(cluster_smem) + Smem::shift(sg);
+  scalar_t* ts = reinterpret_cast<scalar_t*>(cluster_smem) + Smem::region(slice_len) + Smem::shift(tg);
   const bool vec_in = reinterpret_cast<uintptr_t>(sg) % kVecBytes == reinterpret_cast<uintptr_t>(tg) % kVecBytes;
   __shared__ RowPartial<acc_t> block_partial;
   __shared__ RowSums<acc_t> block_sums;

@@ -85,7 +85,8 @@ __device__ __forceinline__ void block_sum2(acc_t& x, acc_t& y) {
 // s_copy / t_copy (at the rows' alignment mod 16 bytes) the raw rows are also copied there, vector by vector.
 template <typename scalar_t, typename acc_t, typename F>
 __device__ __forceinline__ void for_each_entry(const scalar_t* __restrict__ srow, const scalar_t* __restrict__ trow,
-                                               int64_t V, bool vectorized, F&& f, scalar_t* __restrict__ s_copy = nullptr,
+                                               int64_t V, bool vectorized, F&& f,
+                                               scalar_t* __restrict__ s_copy = nullptr,
                                                scalar_t* __restrict__ t_copy = nullptr) {
   constexpr int kVec = RowSplit<scalar_t>::kVec;
   const bool copy = s_copy != nullptr;
@@ -167,7 +168,8 @@ struct JsdRowMath {
                                         acc_t xt_top)
       : beta(beta_), invT(invT_), lse_s(lse_s_), lse_t(lse_t_), c(lse_t_ - lse_s_), anchor(0) {
     if (kMode != kJsdForwardKL)
-      anchor = jsd_anchor<kMode>(beta, xs_top * invT - lse_s, xt_top * invT - lse_t, jsd_delta(xs_top, xt_top, invT, c));
+      anchor = jsd_anchor<kMode>(beta, xs_top * invT - lse_s, xt_top * invT - lse_t,
+                                 jsd_delta(xs_top, xt_top, invT, c));
   }
   __device__ __forceinline__ void element(acc_t xs, acc_t xt, acc_t& loss, acc_t& total) const {
     jsd_element<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c), anchor, loss, total);
