@@ -1,11 +1,13 @@
 // CPU implementation of the generalized JSD (opdx::generalized_jsd_fwd): per-row loss plus the student gradient,
-// written during the forward. Each row is streamed three times (two for β = 0) while it is cache-resident:
-//   pass 1: online softmax statistics of both rows (lse_s, lse_t) and the student's argmax
+// written during the forward. Each row is streamed three times (two for β = 0) in cache-sized slices (chunks):
+//   pass 1: online softmax statistics of both rows (lse_s, lse_t) and the student's argmax, per slice, the slice
+//           partials merged in slice order by row_slices.h (the merge the CUDA cluster kernel runs across blocks)
 //   pass 2: the row loss and the row total the gradient needs (β = 0 writes the gradient here)
 //   pass 3: the gradient
 // All arithmetic is in acc_t (float; double for float64 inputs) on values upcast in registers; the two row sums are
 // accumulated in double. No [N, V] temporary.
 #include "row_kernels.h"
+#include "opdx/row_slices.h"
 #include "opdx/torch_utils.h"
 
 namespace opdx {
@@ -24,6 +26,108 @@ void chunk_jsd_grad(const acc_t* __restrict__ xs, const acc_t* __restrict__ xt, 
   }
 }
 
+// What one row's passes share: the scaling, β, both log-normalizers and the gradient anchor.
+template <typename acc_t>
+struct RowConstants {
+  acc_t beta, invT, lse_s, lse_t, c, anchor;
+};
+
+// Pass-1 statistics of slice k of a (student, teacher) row pair; xs / xt: chunk buffers.
+template <int kMode, typename scalar_t, typename acc_t>
+RowPartial<acc_t> slice_partial(const scalar_t* __restrict__ srow, const scalar_t* __restrict__ trow,
+                                const RowSlices& slices, int64_t k, acc_t invT, acc_t* __restrict__ xs,
+                                acc_t* __restrict__ xt) {
+  const int64_t begin = slices.begin(k);
+  const int64_t n = slices.size(k);
+  load_scaled(srow + begin, n, invT, xs);
+  load_scaled(trow + begin, n, invT, xt);
+  RowPartial<acc_t> p{chunk_stats(xs, n, false), chunk_stats(xt, n, false), ArgMax<acc_t>::empty()};
+  if (kMode != kJsdForwardKL) chunk_argmax(p.top, xs, n, begin);
+  return p;
+}
+
+// Pass 1: the row's slices (its chunks) reduced one by one and merged in slice order through row_slices.h, the
+// merge the CUDA cluster kernel runs across its blocks; then lse_s, lse_t and the anchor (the gradient's reference
+// point at the student's argmax, numerics.h's ArgMax order).
+template <int kMode, typename scalar_t, typename acc_t>
+RowConstants<acc_t> row_constants(const scalar_t* __restrict__ srow, const scalar_t* __restrict__ trow, int64_t V,
+                                  acc_t beta, acc_t invT, bool with_anchor, acc_t* xs, acc_t* xt) {
+  const RowSlices slices{V, kChunk};
+  const RowPartial<acc_t> row =
+      merge_in_rank_order<RowPartial<acc_t>>(static_cast<int>(slices.count()), [&](int k) {
+        return slice_partial<kMode>(srow, trow, slices, k, invT, xs, xt);
+      });
+  RowConstants<acc_t> rc{beta, invT, row.student.logsumexp(), row.teacher.logsumexp(), acc_t(0), acc_t(0)};
+  rc.c = rc.lse_t - rc.lse_s;
+  if (kMode != kJsdForwardKL && with_anchor) {
+    const acc_t s = static_cast<acc_t>(srow[row.top.index]);
+    const acc_t t = static_cast<acc_t>(trow[row.top.index]);
+    rc.anchor = jsd_anchor<kMode>(beta, s * invT - rc.lse_s, t * invT - rc.lse_t, jsd_delta(s, t, invT, rc.c));
+  }
+  return rc;
+}
+
+// Pass-2 sums of entries [0, n) of a slice; β = 0 with `out` also writes the gradient there. Sums in double: the
+// gradient uses total − (entry value), which cancels for the dominant entries of a peaked row, so the row total
+// must be accurate well below the fp32 resolution of its partial sums.
+template <int kMode, typename scalar_t, typename grad_t, typename acc_t>
+RowSums<double> slice_sums(const scalar_t* __restrict__ sp, const scalar_t* __restrict__ tp, int64_t n,
+                           const RowConstants<acc_t>& rc, grad_t* __restrict__ op) {
+  double l_sum = 0, t_sum = 0;
+  if (kMode == kJsdForwardKL && op != nullptr) {
+#pragma omp simd reduction(+ : l_sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xs = static_cast<acc_t>(sp[i]);
+      const acc_t xt = static_cast<acc_t>(tp[i]);
+      const acc_t ls = xs * rc.invT - rc.lse_s;
+      const acc_t lt = xt * rc.invT - rc.lse_t;
+      const acc_t d = jsd_delta(xs, xt, rc.invT, rc.c);
+      acc_t l, k;
+      jsd_element<kMode>(rc.beta, ls, lt, d, acc_t(0), l, k);
+      l_sum += l;
+      op[i] = static_cast<grad_t>(jsd_element_grad<kMode>(rc.beta, ls, lt, d, acc_t(0), acc_t(0)) * rc.invT);
+    }
+  } else {
+#pragma omp simd reduction(+ : l_sum, t_sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xs = static_cast<acc_t>(sp[i]);
+      const acc_t xt = static_cast<acc_t>(tp[i]);
+      acc_t l, k;
+      jsd_element<kMode>(rc.beta, xs * rc.invT - rc.lse_s, xt * rc.invT - rc.lse_t, jsd_delta(xs, xt, rc.invT, rc.c),
+                         rc.anchor, l, k);
+      l_sum += l;
+      t_sum += k;
+    }
+  }
+  return {l_sum, t_sum};
+}
+
+// One unmasked row: returns its loss and, when `out` is given, writes its gradient. Pass 2 and pass 3 walk the
+// same slices (cache-sized, so the re-reads hit cache); pass 3 upcasts both rows into the chunk buffers, forms the
+// gradient in acc_t, then stores it converted.
+template <int kMode, typename scalar_t, typename grad_t, typename acc_t>
+acc_t gjsd_row(const scalar_t* __restrict__ srow, const scalar_t* __restrict__ trow, int64_t V, acc_t beta,
+               acc_t invT, grad_t* __restrict__ out, acc_t* xs_buf, acc_t* xt_buf, acc_t* buf) {
+  const RowConstants<acc_t> rc = row_constants<kMode>(srow, trow, V, beta, invT, out != nullptr, xs_buf, xt_buf);
+  const RowSlices slices{V, kChunk};
+  const RowSums<double> sums = merge_in_rank_order<RowSums<double>>(static_cast<int>(slices.count()), [&](int k) {
+    const int64_t b = slices.begin(k);
+    return slice_sums<kMode>(srow + b, trow + b, slices.size(k), rc, out != nullptr ? out + b : out);
+  });
+  if (kMode != kJsdForwardKL && out != nullptr) {
+    const acc_t row_total = static_cast<acc_t>(sums.total);
+    for (int64_t k = 0; k < slices.count(); ++k) {
+      const int64_t b = slices.begin(k);
+      const int64_t n = slices.size(k);
+      load_scaled(srow + b, n, acc_t(1), xs_buf);
+      load_scaled(trow + b, n, acc_t(1), xt_buf);
+      chunk_jsd_grad<kMode>(xs_buf, xt_buf, n, beta, invT, rc.lse_s, rc.lse_t, rc.c, rc.anchor, row_total, buf);
+      store_chunk(buf, n, out + b);
+    }
+  }
+  return static_cast<acc_t>(sums.loss);  // a sum of non-negative terms
+}
+
 template <int kMode, typename scalar_t, typename grad_t>
 void gjsd_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* mask, double beta_d,
                double inv_temperature, acc_type_t<scalar_t>* loss_out, at::Tensor* grad) {
@@ -31,14 +135,12 @@ void gjsd_rows(const at::Tensor& student, const at::Tensor& teacher, const bool*
   const RowIndexer s_rows = make_row_indexer(student);
   const RowIndexer t_rows = make_row_indexer(teacher);
   const int64_t V = student.size(-1);
-  const int64_t N = num_rows(student);
   const scalar_t* s_base = student.const_data_ptr<scalar_t>();
   const scalar_t* t_base = teacher.const_data_ptr<scalar_t>();
   grad_t* g_base = grad != nullptr ? grad->mutable_data_ptr<grad_t>() : nullptr;  // contiguous [N, V]
   const acc_t invT = static_cast<acc_t>(inv_temperature);
   const acc_t beta = static_cast<acc_t>(beta_d);
-
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_rows(student), row_grain(V), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buf[kChunk];
     alignas(64) acc_t xs_buf[kChunk];
     alignas(64) acc_t xt_buf[kChunk];
@@ -49,75 +151,8 @@ void gjsd_rows(const at::Tensor& student, const at::Tensor& teacher, const bool*
         if (out != nullptr) std::fill(out, out + V, grad_t(0));
         continue;
       }
-      const scalar_t* __restrict__ srow = s_base + s_rows.offset(r);
-      const scalar_t* __restrict__ trow = t_base + t_rows.offset(r);
-      // Pass 1 (+ the student's argmax, the gradient anchor: numerics.h's ArgMax order, as on CUDA).
-      SoftmaxStats<acc_t> st_s = SoftmaxStats<acc_t>::empty();
-      ArgMax<acc_t> top = ArgMax<acc_t>::empty();
-      for (int64_t start = 0; start < V; start += kChunk) {
-        const int64_t n = std::min(kChunk, V - start);
-        load_scaled(srow + start, n, invT, buf);
-        st_s.merge(chunk_stats(buf, n, false));
-        if (kMode != kJsdForwardKL) chunk_argmax(top, buf, n, start);
-      }
-      const acc_t lse_s = st_s.logsumexp();
-      const acc_t lse_t = row_stats(trow, V, invT, false, buf).logsumexp();
-      const acc_t c = lse_t - lse_s;
-      acc_t anchor = 0;
-      if (kMode != kJsdForwardKL && out != nullptr) {
-        const acc_t xs = static_cast<acc_t>(srow[top.index]);
-        const acc_t xt = static_cast<acc_t>(trow[top.index]);
-        anchor = jsd_anchor<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c));
-      }
-      // Pass 2 (chunked so the partial sums stay short and the rows are re-read in cache-sized pieces).
-      // Row sums in double: the gradient uses total − (entry value), which cancels for the dominant entries of a
-      // peaked row, so the row total must be accurate well below fp32 resolution of its partial sums.
-      double loss = 0, total = 0;
-      for (int64_t start = 0; start < V; start += kChunk) {
-        const int64_t n = std::min(kChunk, V - start);
-        const scalar_t* __restrict__ sp = srow + start;
-        const scalar_t* __restrict__ tp = trow + start;
-        double l_chunk = 0, t_chunk = 0;
-        if (kMode == kJsdForwardKL && out != nullptr) {
-          grad_t* __restrict__ op = out + start;
-#pragma omp simd reduction(+ : l_chunk)
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t xs = static_cast<acc_t>(sp[i]);
-            const acc_t xt = static_cast<acc_t>(tp[i]);
-            const acc_t ls = xs * invT - lse_s;
-            const acc_t lt = xt * invT - lse_t;
-            const acc_t d = jsd_delta(xs, xt, invT, c);
-            acc_t l, k;
-            jsd_element<kMode>(beta, ls, lt, d, acc_t(0), l, k);
-            l_chunk += l;
-            op[i] = static_cast<grad_t>(jsd_element_grad<kMode>(beta, ls, lt, d, acc_t(0), acc_t(0)) * invT);
-          }
-        } else {
-#pragma omp simd reduction(+ : l_chunk, t_chunk)
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t xs = static_cast<acc_t>(sp[i]);
-            const acc_t xt = static_cast<acc_t>(tp[i]);
-            acc_t l, k;
-            jsd_element<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c), anchor, l, k);
-            l_chunk += l;
-            t_chunk += k;
-          }
-        }
-        loss += l_chunk;
-        total += t_chunk;
-      }
-      loss_out[r] = static_cast<acc_t>(loss);  // a sum of non-negative terms
-      const acc_t row_total = static_cast<acc_t>(total);
-      if (kMode == kJsdForwardKL || out == nullptr) continue;
-      // Pass 3 (chunked: both rows are upcast into cache-resident buffers, the gradient formed in acc_t, then
-      // stored converted).
-      for (int64_t start = 0; start < V; start += kChunk) {
-        const int64_t n = std::min(kChunk, V - start);
-        load_scaled(srow + start, n, acc_t(1), xs_buf);
-        load_scaled(trow + start, n, acc_t(1), xt_buf);
-        chunk_jsd_grad<kMode>(xs_buf, xt_buf, n, beta, invT, lse_s, lse_t, c, anchor, row_total, buf);
-        store_chunk(buf, n, out + start);
-      }
+      loss_out[r] = gjsd_row<kMode>(s_base + s_rows.offset(r), t_base + t_rows.offset(r), V, beta, invT, out, xs_buf,
+                                    xt_buf, buf);
     }
   });
 }

@@ -1,5 +1,6 @@
-// Torch glue for the CUDA generalized JSD; the kernels are in generalized_jsd_kernels.cuh.
-#include "generalized_jsd_kernels.cuh"
+// Torch glue for the CUDA generalized JSD; the kernels are in generalized_jsd_kernels.cuh (one block per row) and
+// generalized_jsd_cluster_kernels.cuh (sm_90 clusters, and the launcher that picks between them).
+#include "generalized_jsd_cluster_kernels.cuh"
 #include "torch_cuda_utils.h"
 
 namespace opdx {

@@ -6,18 +6,23 @@
 //   pass 2: row loss and the row total the gradient needs (β = 0: writes the gradient instead)
 //   pass 3: the gradient
 // Re-reads rely on L2 (a block's two rows are 2·V·sizeof(scalar_t) bytes). All arithmetic in acc_t on upcast values.
+// The launcher that picks this kernel or the sm_90 cluster kernel (each logit read from HBM once) is in
+// generalized_jsd_cluster_kernels.cuh; this one runs on pre-sm_90 devices and for rows too long for the cluster.
 #pragma once
 
+#include <type_traits>
+
 #include "cuda_common.cuh"
+#include "opdx/row_slices.h"
 
 namespace opdx {
 namespace cuda {
 
-// Block-wide ArgMax (numerics.h's order: the CPU kernel's too); all threads get the index. blockDim.x % 32 == 0.
+// Block-wide ArgMax (numerics.h's order: the CPU kernel's too); all threads get it. blockDim.x % 32 == 0.
 template <typename acc_t>
-__device__ __forceinline__ int64_t block_argmax(ArgMax<acc_t> a) {
+__device__ __forceinline__ ArgMax<acc_t> block_argmax(ArgMax<acc_t> a) {
   __shared__ ArgMax<acc_t> partial[32];
-  __shared__ int64_t result;
+  __shared__ ArgMax<acc_t> result;
 #pragma unroll
   for (int m = kWarpSize / 2; m > 0; m >>= 1)
     a.merge({__shfl_xor_sync(0xffffffffu, a.value, m), __shfl_xor_sync(0xffffffffu, a.index, m)});
@@ -31,7 +36,7 @@ __device__ __forceinline__ int64_t block_argmax(ArgMax<acc_t> a) {
 #pragma unroll
     for (int m = kWarpSize / 2; m > 0; m >>= 1)
       a.merge({__shfl_xor_sync(0xffffffffu, a.value, m), __shfl_xor_sync(0xffffffffu, a.index, m)});
-    if (lane == 0) result = a.index;
+    if (lane == 0) result = a;
   }
   __syncthreads();
   return result;
@@ -76,25 +81,41 @@ __device__ __forceinline__ void block_sum2(acc_t& x, acc_t& y) {
 }
 
 // Calls f(i, xs, xt) for every entry of the row with upcast (unscaled) values, using 16-byte loads of both rows when
-// they share their alignment. Each thread visits a fixed subset of entries (the same subset in every pass).
+// they share their alignment. Each thread visits a fixed subset of entries (the same subset in every pass). With
+// s_copy / t_copy (at the rows' alignment mod 16 bytes) the raw rows are also copied there, vector by vector.
 template <typename scalar_t, typename acc_t, typename F>
 __device__ __forceinline__ void for_each_entry(const scalar_t* __restrict__ srow, const scalar_t* __restrict__ trow,
-                                               int64_t V, bool vectorized, F&& f) {
+                                               int64_t V, bool vectorized, F&& f,
+                                               scalar_t* __restrict__ s_copy = nullptr,
+                                               scalar_t* __restrict__ t_copy = nullptr) {
   constexpr int kVec = RowSplit<scalar_t>::kVec;
+  const bool copy = s_copy != nullptr;
+  const auto scalar = [&](int64_t i) {
+    const scalar_t s = srow[i], t = trow[i];
+    if (copy) {
+      s_copy[i] = s;
+      t_copy[i] = t;
+    }
+    f(i, to_acc<acc_t>(s), to_acc<acc_t>(t));
+  };
   if (!vectorized) {
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) f(i, to_acc<acc_t>(srow[i]), to_acc<acc_t>(trow[i]));
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) scalar(i);
     return;
   }
   const RowSplit<scalar_t> split(srow, V);
-  for (int64_t i = threadIdx.x; i < split.head; i += blockDim.x) f(i, to_acc<acc_t>(srow[i]), to_acc<acc_t>(trow[i]));
+  for (int64_t i = threadIdx.x; i < split.head; i += blockDim.x) scalar(i);
   for (int64_t j = threadIdx.x; j < split.nvec; j += blockDim.x) {
     const int64_t i0 = split.head + j * kVec;
     const VecOf<scalar_t> vs = load_vec(srow + i0);
     const VecOf<scalar_t> vt = load_vec(trow + i0);
+    if (copy) {
+      store_vec(s_copy + i0, vs);
+      store_vec(t_copy + i0, vt);
+    }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) f(i0 + k, to_acc<acc_t>(vs.v[k]), to_acc<acc_t>(vt.v[k]));
   }
-  for (int64_t i = split.tail0 + threadIdx.x; i < V; i += blockDim.x) f(i, to_acc<acc_t>(srow[i]), to_acc<acc_t>(trow[i]));
+  for (int64_t i = split.tail0 + threadIdx.x; i < V; i += blockDim.x) scalar(i);
 }
 
 // out[i] = from_acc(g(xs_i, xt_i)) for the whole row: 16-byte loads as in for_each_entry and, when `out` shares the
@@ -131,10 +152,93 @@ __device__ __forceinline__ void write_grad_row(const scalar_t* __restrict__ srow
     out[i] = from_acc<grad_t>(g(to_acc<acc_t>(srow[i]), to_acc<acc_t>(trow[i])));
 }
 
-// At most 512 threads: the float64 instantiation needs up to 84 registers per thread (1024·84 > 64k registers).
+// At most 512 threads: the float64 instantiations need up to 96 registers per thread (1024·96 > 64k registers).
 // No __launch_bounds__(512): with it ptxas spills these kernels (-Xptxas -v, nvcc 13.0, sm_90); without it they use
-// at most 78 registers (float64), and 512 × 78 fits the 64k register file, so the launch cannot fail for lack of them.
+// at most 78 registers (float64; the cluster kernel 96), and 512 × 96 fits the 64k register file, so the launch
+// cannot fail for lack of them.
 constexpr int kJsdMaxThreads = 512;
+
+// A row's constants once pass 1 is done (both log-normalizers and the gradient anchor) and its per-entry math.
+template <int kMode, typename acc_t>
+struct JsdRowMath {
+  acc_t beta, invT, lse_s, lse_t, c, anchor;
+
+  // xs_top / xt_top: the raw logits at the student's argmax (unused for β = 0).
+  __device__ __forceinline__ JsdRowMath(acc_t beta_, acc_t invT_, acc_t lse_s_, acc_t lse_t_, acc_t xs_top,
+                                        acc_t xt_top)
+      : beta(beta_), invT(invT_), lse_s(lse_s_), lse_t(lse_t_), c(lse_t_ - lse_s_), anchor(0) {
+    if (kMode != kJsdForwardKL)
+      anchor = jsd_anchor<kMode>(beta, xs_top * invT - lse_s, xt_top * invT - lse_t,
+                                 jsd_delta(xs_top, xt_top, invT, c));
+  }
+  __device__ __forceinline__ void element(acc_t xs, acc_t xt, acc_t& loss, acc_t& total) const {
+    jsd_element<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c), anchor, loss, total);
+  }
+  __device__ __forceinline__ acc_t grad(acc_t xs, acc_t xt, acc_t total) const {
+    return jsd_element_grad<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c), anchor,
+                                   total) *
+           invT;
+  }
+};
+
+// Pass 1 over V entries: both rows' softmax statistics and the student's argmax (index + index0), block-reduced.
+template <int kMode, typename scalar_t, typename acc_t>
+__device__ __forceinline__ RowPartial<acc_t> jsd_pass1(const scalar_t* __restrict__ srow,
+                                                       const scalar_t* __restrict__ trow, int64_t V, bool vec_in,
+                                                       acc_t invT, int64_t index0, scalar_t* s_copy = nullptr,
+                                                       scalar_t* t_copy = nullptr) {
+  RowPartial<acc_t> p = RowPartial<acc_t>::empty();
+  for_each_entry<scalar_t, acc_t>(srow, trow, V, vec_in, [&](int64_t i, acc_t xs, acc_t xt) {
+    p.student.add(xs * invT);
+    p.teacher.add(xt * invT);
+    if (kMode != kJsdForwardKL) p.top.update(xs * invT, index0 + i);
+  }, s_copy, t_copy);
+  p.student = block_merge_stats(p.student);
+  p.teacher = block_merge_stats(p.teacher);
+  if (kMode != kJsdForwardKL) p.top = block_argmax(p.top);
+  return p;
+}
+
+// Pass 2 over V entries: the block's (loss, total) sums; β = 0 with `out` writes the gradient here too.
+template <int kMode, typename scalar_t, typename grad_t, typename acc_t>
+__device__ __forceinline__ RowSums<acc_t> jsd_pass2(const scalar_t* __restrict__ srow,
+                                                    const scalar_t* __restrict__ trow, grad_t* __restrict__ out,
+                                                    int64_t V, bool vec_in, const JsdRowMath<kMode, acc_t>& m) {
+  acc_t loss = 0, total = 0;
+  if (kMode == kJsdForwardKL && out != nullptr) {
+    write_grad_row<scalar_t, grad_t, acc_t>(srow, trow, out, V, vec_in, [&](acc_t xs, acc_t xt) {
+      acc_t l, k;
+      m.element(xs, xt, l, k);
+      loss += l;
+      return m.grad(xs, xt, acc_t(0));
+    });
+  } else {
+    for_each_entry<scalar_t, acc_t>(srow, trow, V, vec_in, [&](int64_t, acc_t xs, acc_t xt) {
+      acc_t l, k;
+      m.element(xs, xt, l, k);
+      loss += l;
+      total += k;
+    });
+  }
+  block_sum2(loss, total);
+  return {loss, total};
+}
+
+// Pass 3 over V entries (β > 0): the gradient, given the row total.
+template <int kMode, typename scalar_t, typename grad_t, typename acc_t>
+__device__ __forceinline__ void jsd_pass3(const scalar_t* __restrict__ srow, const scalar_t* __restrict__ trow,
+                                          grad_t* __restrict__ out, int64_t V, bool vec_in,
+                                          const JsdRowMath<kMode, acc_t>& m, acc_t total) {
+  write_grad_row<scalar_t, grad_t, acc_t>(srow, trow, out, V, vec_in,
+                                          [&](acc_t xs, acc_t xt) { return m.grad(xs, xt, total); });
+}
+
+// Zeroes entries [0, V) of a masked row's gradient (block-strided).
+template <typename grad_t>
+__device__ __forceinline__ void zero_row(grad_t* __restrict__ out, int64_t V) {
+  if (out != nullptr)
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) out[i] = from_acc<grad_t>(0.0f);
+}
 
 template <int kMode, typename scalar_t, typename grad_t, typename acc_t>
 __global__ void generalized_jsd_fwd_kernel(const scalar_t* __restrict__ student, RowIndexer s_rows,
@@ -145,91 +249,49 @@ __global__ void generalized_jsd_fwd_kernel(const scalar_t* __restrict__ student,
   grad_t* __restrict__ out = grad != nullptr ? grad + r * V : nullptr;
   if (mask != nullptr && !mask[r]) {
     if (threadIdx.x == 0) loss_out[r] = acc_t(0);
-    if (out != nullptr)
-      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) out[i] = from_acc<grad_t>(acc_t(0));
+    zero_row(out, V);
     return;
   }
   const scalar_t* __restrict__ srow = student + s_rows.offset(r);
   const scalar_t* __restrict__ trow = teacher + t_rows.offset(r);
-  const uintptr_t s_mis = reinterpret_cast<uintptr_t>(srow) % kVecBytes;
-  const bool vec_in = s_mis == reinterpret_cast<uintptr_t>(trow) % kVecBytes;
-  const acc_t invT = inv_temperature;
-
-  // Pass 1.
-  SoftmaxStats<acc_t> ss = SoftmaxStats<acc_t>::empty();
-  SoftmaxStats<acc_t> st = SoftmaxStats<acc_t>::empty();
-  ArgMax<acc_t> am = ArgMax<acc_t>::empty();
-  for_each_entry<scalar_t, acc_t>(srow, trow, V, vec_in, [&](int64_t i, acc_t xs, acc_t xt) {
-    ss.add(xs * invT);
-    st.add(xt * invT);
-    if (kMode != kJsdForwardKL) am.update(xs * invT, i);
-  });
-  ss = block_merge_stats(ss);
-  st = block_merge_stats(st);
-  const int64_t top = kMode == kJsdForwardKL ? 0 : block_argmax(am);
-  const acc_t lse_s = ss.logsumexp();
-  const acc_t lse_t = st.logsumexp();
-  const acc_t c = lse_t - lse_s;
-  acc_t anchor = acc_t(0);
-  if (kMode != kJsdForwardKL) {
-    const acc_t xs = to_acc<acc_t>(srow[top]);
-    const acc_t xt = to_acc<acc_t>(trow[top]);
-    anchor = jsd_anchor<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c));
-  }
-
-  // Pass 2.
-  acc_t loss = 0, total = 0;
-  if (kMode == kJsdForwardKL && out != nullptr) {
-    write_grad_row<scalar_t, grad_t, acc_t>(srow, trow, out, V, vec_in, [&](acc_t xs, acc_t xt) {
-      const acc_t ls = xs * invT - lse_s;
-      const acc_t lt = xt * invT - lse_t;
-      const acc_t d = jsd_delta(xs, xt, invT, c);
-      acc_t l, k;
-      jsd_element<kMode>(beta, ls, lt, d, anchor, l, k);
-      loss += l;
-      return jsd_element_grad<kMode>(beta, ls, lt, d, anchor, acc_t(0)) * invT;
-    });
-  } else {
-    for_each_entry<scalar_t, acc_t>(srow, trow, V, vec_in, [&](int64_t, acc_t xs, acc_t xt) {
-      acc_t l, k;
-      jsd_element<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c), anchor, l, k);
-      loss += l;
-      total += k;
-    });
-  }
-  block_sum2(loss, total);
-  if (threadIdx.x == 0) loss_out[r] = loss;
-  if (kMode == kJsdForwardKL || out == nullptr) return;
-
-  // Pass 3.
-  write_grad_row<scalar_t, grad_t, acc_t>(srow, trow, out, V, vec_in, [&](acc_t xs, acc_t xt) {
-    return jsd_element_grad<kMode>(beta, xs * invT - lse_s, xt * invT - lse_t, jsd_delta(xs, xt, invT, c), anchor,
-                                   total) *
-           invT;
-  });
+  const bool vec_in = reinterpret_cast<uintptr_t>(srow) % kVecBytes == reinterpret_cast<uintptr_t>(trow) % kVecBytes;
+  const RowPartial<acc_t> p = jsd_pass1<kMode>(srow, trow, V, vec_in, inv_temperature, 0);
+  const int64_t top = p.top.index;
+  const bool anchored = kMode != kJsdForwardKL;
+  const JsdRowMath<kMode, acc_t> m(beta, inv_temperature, p.student.logsumexp(), p.teacher.logsumexp(),
+                                   anchored ? to_acc<acc_t>(srow[top]) : acc_t(0),
+                                   anchored ? to_acc<acc_t>(trow[top]) : acc_t(0));
+  const RowSums<acc_t> sums = jsd_pass2<kMode>(srow, trow, out, V, vec_in, m);
+  if (threadIdx.x == 0) loss_out[r] = sums.loss;
+  if (kMode != kJsdForwardKL && out != nullptr) jsd_pass3<kMode>(srow, trow, out, V, vec_in, m, sums.total);
 }
 
+// Calls f(std::integral_constant<int, mode>) for β's mode (the kernels are templated on it).
+template <typename F>
+inline cudaError_t with_jsd_mode(double beta, F&& f) {
+  switch (jsd_mode_for_beta(beta)) {
+    case kJsdForwardKL:
+      return f(std::integral_constant<int, kJsdForwardKL>{});
+    case kJsdReverseKL:
+      return f(std::integral_constant<int, kJsdReverseKL>{});
+    default:
+      return f(std::integral_constant<int, kJsdMixture>{});
+  }
+}
+
+// The one-block-per-row kernel (any device; the fallback of generalized_jsd_cluster_kernels.cuh).
 template <typename scalar_t, typename grad_t, typename acc_t>
-cudaError_t launch_generalized_jsd_fwd(const scalar_t* student, RowIndexer s_rows, const scalar_t* teacher,
-                                       RowIndexer t_rows, int64_t N, int64_t V, const bool* mask, acc_t beta,
-                                       acc_t inv_temperature, acc_t* loss, grad_t* grad, cudaStream_t stream) {
+cudaError_t launch_generalized_jsd_rows(const scalar_t* student, RowIndexer s_rows, const scalar_t* teacher,
+                                        RowIndexer t_rows, int64_t N, int64_t V, const bool* mask, acc_t beta,
+                                        acc_t inv_temperature, acc_t* loss, grad_t* grad, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
   const int threads = threads_for_row<scalar_t>(V, kJsdMaxThreads);
-  const unsigned blocks = static_cast<unsigned>(N);
-  switch (jsd_mode_for_beta(static_cast<double>(beta))) {
-    case kJsdForwardKL:
-      generalized_jsd_fwd_kernel<kJsdForwardKL, scalar_t, grad_t, acc_t><<<blocks, threads, 0, stream>>>(
-          student, s_rows, teacher, t_rows, V, mask, beta, inv_temperature, loss, grad);
-      break;
-    case kJsdReverseKL:
-      generalized_jsd_fwd_kernel<kJsdReverseKL, scalar_t, grad_t, acc_t><<<blocks, threads, 0, stream>>>(
-          student, s_rows, teacher, t_rows, V, mask, beta, inv_temperature, loss, grad);
-      break;
-    default:
-      generalized_jsd_fwd_kernel<kJsdMixture, scalar_t, grad_t, acc_t><<<blocks, threads, 0, stream>>>(
-          student, s_rows, teacher, t_rows, V, mask, beta, inv_temperature, loss, grad);
-  }
-  return cudaGetLastError();
+  return with_jsd_mode(static_cast<double>(beta), [&](auto mode) {
+    generalized_jsd_fwd_kernel<decltype(mode)::value, scalar_t, grad_t, acc_t>
+        <<<static_cast<unsigned>(N), threads, 0, stream>>>(student, s_rows, teacher, t_rows, V, mask, beta,
+                                                            inv_temperature, loss, grad);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace cuda
@@ -237,14 +299,14 @@ cudaError_t launch_generalized_jsd_fwd(const scalar_t* student, RowIndexer s_row
 
 // Explicit instantiations for the torch-free compile check on CPU machines (tests/test_cuda_compile.py).
 #if defined(OPDX_COMPILE_CHECK)
-#define OPDX_INSTANTIATE_GJSD(scalar_t, grad_t, acc_t)                                                              \
-  template cudaError_t opdx::cuda::launch_generalized_jsd_fwd<scalar_t, grad_t, acc_t>(                             \
+#define OPDX_INSTANTIATE_GJSD_ROWS(scalar_t, grad_t, acc_t)                                                         \
+  template cudaError_t opdx::cuda::launch_generalized_jsd_rows<scalar_t, grad_t, acc_t>(                            \
       const scalar_t*, opdx::RowIndexer, const scalar_t*, opdx::RowIndexer, int64_t, int64_t, const bool*, acc_t,   \
       acc_t, acc_t*, grad_t*, cudaStream_t);
-OPDX_INSTANTIATE_GJSD(float, float, float)
-OPDX_INSTANTIATE_GJSD(__half, __half, float)
-OPDX_INSTANTIATE_GJSD(__half, float, float)
-OPDX_INSTANTIATE_GJSD(__nv_bfloat16, __nv_bfloat16, float)
-OPDX_INSTANTIATE_GJSD(__nv_bfloat16, float, float)
-OPDX_INSTANTIATE_GJSD(double, double, double)
+OPDX_INSTANTIATE_GJSD_ROWS(float, float, float)
+OPDX_INSTANTIATE_GJSD_ROWS(__half, __half, float)
+OPDX_INSTANTIATE_GJSD_ROWS(__half, float, float)
+OPDX_INSTANTIATE_GJSD_ROWS(__nv_bfloat16, __nv_bfloat16, float)
+OPDX_INSTANTIATE_GJSD_ROWS(__nv_bfloat16, float, float)
+OPDX_INSTANTIATE_GJSD_ROWS(double, double, double)
 #endif
