@@ -97,12 +97,14 @@ def test_train_step_cpu(benchmark, tmp_path, loss):
 def test_rollout_overlap_cpu(benchmark, tmp_path, nproc, overlap):
     """rollout.overlap (issue 21): the demo pair on-policy (opd, lmbda 1) with step k+1's rollouts sampled in a
     background thread while step k trains, beside the same run without; nproc 1 gives the process both cores
-    (torch's threads = 2), nproc 2 one core per rank (the demo's launch)."""
+    (torch's threads = 2), nproc 2 one core per rank (the demo's launch). Rollouts of exactly max_new_tokens."""
     from opdx.config import load_config
 
     demo = load_config(DEMO, [])
+    # every rollout exactly max_new_tokens long: both runs train on the same tokens per step (the lag changes the
+    # samples, and with them where a free-running rollout would stop)
     overrides = CPU_KINDS["opd"] + [f"train.max_steps={_steps(6)}", f"rollout.overlap={str(overlap).lower()}",
-                                    *QUIET]
+                                    f"rollout.min_new_tokens={demo.rollout.max_new_tokens}", *QUIET]
     out = {}
     load = os.getloadavg()[0]
 
@@ -113,7 +115,7 @@ def test_rollout_overlap_cpu(benchmark, tmp_path, nproc, overlap):
     benchmark.pedantic(run, rounds=1, iterations=1)
     row = _annotate(summarize(out["rows"]), load)
     case = {"setup": f"demo-smollm2-135m-L{demo.model.student_layers}", "loss": "opd", "nproc": nproc,
-            "batch": demo.train.micro_batch_size, "max_new_tokens": demo.rollout.max_new_tokens,
+            "batch": demo.train.micro_batch_size, "new_tokens": f"exactly {demo.rollout.max_new_tokens}",
             "dtype": demo.model.dtype}
     record("rollout_overlap", "cpu", case, "overlap" if overlap else "sequential", row)
 
