@@ -210,10 +210,5 @@ cudaError_t launch_generalized_jsd_fwd(const scalar_t* student, RowIndexer s_row
   template cudaError_t opdx::cuda::launch_generalized_jsd_fwd<scalar_t, grad_t, acc_t>(                             \
       const scalar_t*, opdx::RowIndexer, const scalar_t*, opdx::RowIndexer, int64_t, int64_t, const bool*, acc_t,   \
       acc_t, acc_t*, grad_t*, cudaStream_t);
-OPDX_INSTANTIATE_GJSD(float, float, float)
-OPDX_INSTANTIATE_GJSD(__half, __half, float)
-OPDX_INSTANTIATE_GJSD(__half, float, float)
-OPDX_INSTANTIATE_GJSD(__nv_bfloat16, __nv_bfloat16, float)
-OPDX_INSTANTIATE_GJSD(__nv_bfloat16, float, float)
-OPDX_INSTANTIATE_GJSD(double, double, double)
+OPDX_GJSD_TYPES(OPDX_INSTANTIATE_GJSD)
 #endif

@@ -297,16 +297,20 @@ cudaError_t launch_generalized_jsd_rows(const scalar_t* student, RowIndexer s_ro
 }  // namespace cuda
 }  // namespace opdx
 
+// The (scalar_t, grad_t, acc_t) combinations the torch glue launches: X(scalar_t, grad_t, acc_t) for each.
+#define OPDX_GJSD_TYPES(X)                                                                                          \
+  X(float, float, float)                                                                                            \
+  X(__half, __half, float)                                                                                          \
+  X(__half, float, float)                                                                                           \
+  X(__nv_bfloat16, __nv_bfloat16, float)                                                                            \
+  X(__nv_bfloat16, float, float)                                                                                    \
+  X(double, double, double)
+
 // Explicit instantiations for the torch-free compile check on CPU machines (tests/test_cuda_compile.py).
 #if defined(OPDX_COMPILE_CHECK)
 #define OPDX_INSTANTIATE_GJSD_ROWS(scalar_t, grad_t, acc_t)                                                         \
   template cudaError_t opdx::cuda::launch_generalized_jsd_rows<scalar_t, grad_t, acc_t>(                            \
       const scalar_t*, opdx::RowIndexer, const scalar_t*, opdx::RowIndexer, int64_t, int64_t, const bool*, acc_t,   \
       acc_t, acc_t*, grad_t*, cudaStream_t);
-OPDX_INSTANTIATE_GJSD_ROWS(float, float, float)
-OPDX_INSTANTIATE_GJSD_ROWS(__half, __half, float)
-OPDX_INSTANTIATE_GJSD_ROWS(__half, float, float)
-OPDX_INSTANTIATE_GJSD_ROWS(__nv_bfloat16, __nv_bfloat16, float)
-OPDX_INSTANTIATE_GJSD_ROWS(__nv_bfloat16, float, float)
-OPDX_INSTANTIATE_GJSD_ROWS(double, double, double)
+OPDX_GJSD_TYPES(OPDX_INSTANTIATE_GJSD_ROWS)
 #endif
