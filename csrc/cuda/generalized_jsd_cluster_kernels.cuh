@@ -86,11 +86,7 @@ __global__ void generalized_jsd_cluster_kernel(const scalar_t* __restrict__ stud
   cluster.sync();  // every block's partial published (and this block's shared-memory copy complete)
   const RowPartial<acc_t> row = merge_in_rank_order<RowPartial<acc_t>>(
       blocks, [&](int k) { return *cluster.map_shared_rank(&block_partial, k); });
-  const int64_t top = row.top.index;
-  const bool anchored = kMode != kJsdForwardKL;
-  const JsdRowMath<kMode, acc_t> m(beta, inv_temperature, row.student.logsumexp(), row.teacher.logsumexp(),
-                                   anchored ? to_acc<acc_t>(srow[top]) : acc_t(0),
-                                   anchored ? to_acc<acc_t>(trow[top]) : acc_t(0));
+  const JsdRowMath<kMode, acc_t> m = jsd_row_math<kMode>(row, srow, trow, beta, inv_temperature);
 
   // Pass 2 from shared memory, then the cluster-wide sums.
   const RowSums<acc_t> part = jsd_pass2<kMode>(ss, ts, out, n, vec_in, m);

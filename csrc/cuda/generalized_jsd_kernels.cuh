@@ -181,6 +181,18 @@ struct JsdRowMath {
   }
 };
 
+// The row's constants from its merged pass-1 partial: the anchor reads both rows at the student's argmax (β > 0).
+template <int kMode, typename scalar_t, typename acc_t>
+__device__ __forceinline__ JsdRowMath<kMode, acc_t> jsd_row_math(const RowPartial<acc_t>& p,
+                                                                 const scalar_t* __restrict__ srow,
+                                                                 const scalar_t* __restrict__ trow, acc_t beta,
+                                                                 acc_t inv_temperature) {
+  const bool anchored = kMode != kJsdForwardKL;
+  const int64_t top = p.top.index;
+  return {beta, inv_temperature, p.student.logsumexp(), p.teacher.logsumexp(),
+          anchored ? to_acc<acc_t>(srow[top]) : acc_t(0), anchored ? to_acc<acc_t>(trow[top]) : acc_t(0)};
+}
+
 // Pass 1 over V entries: both rows' softmax statistics and the student's argmax (index + index0), block-reduced.
 template <int kMode, typename scalar_t, typename acc_t>
 __device__ __forceinline__ RowPartial<acc_t> jsd_pass1(const scalar_t* __restrict__ srow,
@@ -256,11 +268,7 @@ __global__ void generalized_jsd_fwd_kernel(const scalar_t* __restrict__ student,
   const scalar_t* __restrict__ trow = teacher + t_rows.offset(r);
   const bool vec_in = reinterpret_cast<uintptr_t>(srow) % kVecBytes == reinterpret_cast<uintptr_t>(trow) % kVecBytes;
   const RowPartial<acc_t> p = jsd_pass1<kMode>(srow, trow, V, vec_in, inv_temperature, 0);
-  const int64_t top = p.top.index;
-  const bool anchored = kMode != kJsdForwardKL;
-  const JsdRowMath<kMode, acc_t> m(beta, inv_temperature, p.student.logsumexp(), p.teacher.logsumexp(),
-                                   anchored ? to_acc<acc_t>(srow[top]) : acc_t(0),
-                                   anchored ? to_acc<acc_t>(trow[top]) : acc_t(0));
+  const JsdRowMath<kMode, acc_t> m = jsd_row_math<kMode>(p, srow, trow, beta, inv_temperature);
   const RowSums<acc_t> sums = jsd_pass2<kMode>(srow, trow, out, V, vec_in, m);
   if (threadIdx.x == 0) loss_out[r] = sums.loss;
   if (kMode != kJsdForwardKL && out != nullptr) jsd_pass3<kMode>(srow, trow, out, V, vec_in, m, sums.total);
