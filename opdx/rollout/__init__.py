@@ -34,9 +34,10 @@ def make_rollout(cfg, model, tokenizer, *, eos_ids, pad_id, synced_gpus: bool = 
     if r.engine == "hf":
         from opdx.rollout.hf import FrozenCopyRollout, HFRollout
 
-        return (FrozenCopyRollout if frozen_copy else HFRollout)(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=r.max_new_tokens,
-                         temperature=r.temperature, top_p=r.top_p, synced_gpus=synced_gpus, vocab_size=vocab_size,
-                         min_new_tokens=r.min_new_tokens)
+        engine = FrozenCopyRollout if frozen_copy else HFRollout
+        return engine(model, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=r.max_new_tokens,
+                      temperature=r.temperature, top_p=r.top_p, synced_gpus=synced_gpus, vocab_size=vocab_size,
+                      min_new_tokens=r.min_new_tokens)
     if r.engine == "vllm":
         from opdx.rollout.vllm import VLLMColocateRollout, VLLMServerRollout
 

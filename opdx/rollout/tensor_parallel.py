@@ -25,14 +25,12 @@ class TensorParallelGroup:
     """This rank's TP group (collective to build: every rank of the job constructs it, in the same order)."""
 
     def __init__(self, tp: int):
-        world, me = dist.get_world_size(), dist.get_rank()
-        self.ranks = next(g for g in tp_groups(world, tp) if me in g)
-        self.index = self.ranks.index(me)  # this rank's position in its group
-        self.group = None
-        for ranks in tp_groups(world, tp):  # new_group is collective over the whole job
+        me = dist.get_rank()
+        for ranks in tp_groups(dist.get_world_size(), tp):  # new_group is collective over the whole job
             handle = dist.new_group(ranks)
             if me in ranks:
-                self.group = handle
+                self.ranks, self.group = ranks, handle
+        self.index = self.ranks.index(me)  # this rank's position in its group
 
     def gather(self, prompts: list, seed: int) -> list[tuple[list, int]]:
         """[(prompts, seed)] of every rank of the group, in rank order."""

@@ -6,9 +6,9 @@ through the first EOS, vLLM's sampling logprobs of the sampled tokens, finish re
 ``rollout.mode: colocate``
     A ``vllm.LLM`` in each training process (``distributed_executor_backend="external_launcher"`` under torchrun:
     one engine per rank, or with ``rollout.tensor_parallel_size`` = tp > 1 one engine sharded over each group of tp
-    consecutive ranks, which generates the group's gathered prompts: opdx.rollout.tensor_parallel). `sync_weights(engine)` gathers the student's weights
-    (ZeRO-3 partitions one parameter at a time via ``deepspeed.zero.GatheredParameters``, LoRA merged into the base
-    weights) and loads them with ``collective_rpc("reload_weights", ...)``: an in-memory ``weights_iterator`` when
+    consecutive ranks, which generates the group's gathered prompts: opdx.rollout.tensor_parallel).
+    `sync_weights(engine)` gathers the student's weights (ZeRO-3 partitions one parameter at a time via
+    ``deepspeed.zero.GatheredParameters``, LoRA merged into the base weights) and loads them with ``collective_rpc("reload_weights", ...)``: an in-memory ``weights_iterator`` when
     the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), else a safetensors directory
     (``weights_path``). Sleep/wake (``rollout.sleep``) frees the engine's memory during training where the
     platform supports it (CUDA); asking for it elsewhere is an error.
@@ -30,6 +30,7 @@ import torch
 
 from opdx.http import CompletionsClient, generate_via_completions, post_json
 from opdx.rollout.batch import RolloutBatch, batch_from_completions, check_finish_reason
+from opdx.rollout.tensor_parallel import TensorParallelGroup, own_rows
 
 
 def _import_vllm():
@@ -99,8 +100,6 @@ class VLLMColocateRollout:
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
                       enable_sleep_mode=bool(sleep), enable_prefix_caching=False)
         if tensor_parallel_size > 1:
-            from opdx.rollout.tensor_parallel import TensorParallelGroup
-
             self.tp_group = TensorParallelGroup(tensor_parallel_size)
             kwargs["data_parallel_size"] = torch.distributed.get_world_size() // tensor_parallel_size
         if torch.cuda.is_available():
@@ -165,8 +164,6 @@ class VLLMColocateRollout:
         params = [sp for ps, s in parts for sp in self._sampling_params(len(ps), s, max_new_tokens, temperature)]
         outs = self.llm.generate(requests, params, use_tqdm=False)
         if self.tp_group is not None:  # the group generated every rank's prompts: keep this rank's
-            from opdx.rollout.tensor_parallel import own_rows
-
             outs = own_rows(outs, parts, self.tp_group.index)
         comps, lps, finish, topk = [], [], [], []
         for i, o in enumerate(outs):

@@ -54,8 +54,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(cfg: Config, engine, step: int, sampler_state: dict, teacher_tokens: int = 0) -> None:
-    """``sampler_state``: the sampler's position after step ``step`` (opdx.train.inputs). Atomic: every rank writes into checkpoints/.tmp_step_N, then rank 0 renames it to step_N and keeps the
-    newest save.keep."""
+    """``sampler_state``: the sampler's position after step ``step`` (opdx.train.inputs). Atomic: every rank writes
+    into checkpoints/.tmp_step_N, then rank 0 renames it to step_N and keeps the newest save.keep."""
     root = _ckpt_root(cfg)
     tmp, final = root / f".tmp_step_{step}", root / f"step_{step}"
     if rank() == 0:

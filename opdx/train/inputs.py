@@ -95,7 +95,7 @@ class StepInputs:
         """Waits for the next step's background rollouts (returns the seconds waited), then syncs the rollout
         engine's weights (vLLM; with overlap the frozen HF copy too)."""
         started = time.perf_counter()
-        if self.ahead is not None and self.ahead.done is not None:
+        if self.ahead is not None:  # only ever set with its background job (rollout.overlap)
             self.ahead.done.result()  # a failure in the background is raised here
         waited = time.perf_counter() - started
         self.t.rollout.sync_weights(self.t.engine)  # vLLM engines load the new student weights (HF: nothing)
@@ -110,7 +110,7 @@ class StepInputs:
     def close(self) -> None:
         """Waits for background work (a step drawn past train.max_tokens is dropped) and stops the thread."""
         if self.pool is not None:
-            if self.ahead is not None and self.ahead.done is not None:
+            if self.ahead is not None:
                 self.ahead.done.exception()
             self.pool.shutdown(wait=True)
 

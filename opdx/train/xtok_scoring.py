@@ -230,7 +230,8 @@ def teacher_prompt_map(cfg: Config, teacher_tok, *sets) -> dict:
 def cross_tokenizer_teacher(cfg: Config, teacher, data: Any, teacher_model) -> CrossTokenizerTeacher:
     """The teacher wrapped for loss.kind=uld / gold (``data``: opdx.train.build.Data with the teacher's tokenizer
     and prompt map): a local one (``teacher_model``) or a server teacher (``teacher_model`` None: it returns its
-    top-``teacher.topk`` log-probs, loss.uld_topm as build_server_teacher set it); gold builds the string-match vocabulary map (cached per tokenizer pair)."""
+    top-``teacher.topk`` log-probs, loss.uld_topm as build_server_teacher set it); gold builds the string-match
+    vocabulary map (cached per tokenizer pair)."""
     from opdx.models import aligned_vocab_size
     from opdx.xtok import build_vocab_map
 
