@@ -127,7 +127,7 @@ def junit_counts(path: str) -> dict:
 def tests(run: Run, budget: float) -> None:
     xml = os.path.join(run.out, "tests.xml")
     select = "cuda" if run.device == "cuda" else CPU_TEST_SELECTION
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *KERNEL_TESTS, "-k", select,
+    cmd = [sys.executable, "-m", "pytest", "-q", "--maxfail=30", "-p", "no:cacheprovider", *KERNEL_TESTS, "-k", select,
            f"--junitxml={xml}"]
     rc, text, secs = run.sh("tests", cmd, run.left(budget), {"OMP_NUM_THREADS": "1"} if run.device == "cpu" else {})
     counts = junit_counts(xml) if os.path.exists(xml) else {"passed": 0, "failed": 0, "skipped": 0}
