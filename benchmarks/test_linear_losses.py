@@ -47,7 +47,7 @@ def liger_fused_linear_jsd():
     except Exception:  # not installed / no triton
         return None
     mod = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
-    return lambda sh, sw, th, tw: mod(sh, sw, th, tw)
+    return lambda sh, sw, th, tw: mod(sh, sw, th, tw, None)  # shift_labels (no label mask)
 
 
 def impls(op):

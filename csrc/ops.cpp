@@ -31,6 +31,8 @@ TORCH_LIBRARY(opdx, m) {
   m.def(
       "generalized_jsd_fwd(Tensor student, Tensor teacher, Tensor? mask, float beta, float inv_temperature, "
       "bool compute_grad, bool grad_fp32) -> (Tensor, Tensor)");
+  // Its backward: grad[r, :] *= scale[r] in place, computed in fp32 (fp64 for fp64); scale [N] in that dtype.
+  m.def("generalized_jsd_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
 
   // Top-k renormalized KL (csrc/include/opdx/topk_math.h). Student logits only at the teacher's ids, from hidden
   // states: z[n,k] = (hidden[n]·weight[ids[n,k]] + bias[ids[n,k]])·inv_temperature (acc dtype [N, K]).

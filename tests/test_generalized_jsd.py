@@ -46,7 +46,7 @@ def check(student, teacher, beta, temperature=1.0, mask=None, vocab_size=None, g
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 1000), (5, 4099), (2, 3, 333), (2, 49157)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 1000), (5, 4099), (2, 3, 333), (2, 49157), (300, 1001)])
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_matches_float64_reference(device, dtype, shape, beta, temperature):
@@ -329,3 +329,28 @@ def test_memory_is_one_gradient():
     assert growth < 1.5 * size, growth / size
     r = ref.generalized_jsd(row_s.double()[None], row_t.double()[None], 0.5)
     assert rel_err(loss, r.expand(2)) < 1e-4 and torch.isfinite(g0).all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_scale_grad_scales_each_row_in_place(device, dtype):
+    """The backward's in-place row scaling: grad[r] *= scale[r] computed in the accumulation dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grad = torch.randn(7, 1003, device=device).to(dtype)[:, 1:]  # rows not 16-byte aligned
+    grad = grad.contiguous()
+    scale = torch.randn(7, device=device, dtype=acc)
+    expected = (grad.to(acc) * scale[:, None]).to(dtype)
+    ptr = grad.data_ptr()
+    torch.ops.opdx.generalized_jsd_scale_grad_(grad, scale)
+    assert grad.data_ptr() == ptr
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+def test_scale_grad_rejects_bad_inputs():
+    grad = torch.randn(4, 10)
+    with pytest.raises(RuntimeError, match="scale must be a contiguous \\[4\\]"):
+        torch.ops.opdx.generalized_jsd_scale_grad_(grad, torch.ones(3))
+    with pytest.raises(RuntimeError, match="scale must be Float"):
+        torch.ops.opdx.generalized_jsd_scale_grad_(grad, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="grad must be contiguous"):
+        torch.ops.opdx.generalized_jsd_scale_grad_(torch.randn(10, 4).t(), torch.ones(4))

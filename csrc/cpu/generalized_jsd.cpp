@@ -197,8 +197,33 @@ std::tuple<at::Tensor, at::Tensor> generalized_jsd_fwd_cpu(const at::Tensor& stu
   return {loss, grad};
 }
 
+// grad[r, :] *= scale[r] in place, in acc_t (the backward of generalized_jsd_fwd).
+template <typename scalar_t>
+void scale_grad_rows(scalar_t* __restrict__ g, const acc_type_t<scalar_t>* __restrict__ k, int64_t N, int64_t V) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* __restrict__ row = g + r * V;
+      const acc_type_t<scalar_t> kr = k[r];
+#pragma omp simd
+      for (int64_t i = 0; i < V; ++i) row[i] = static_cast<scalar_t>(static_cast<acc_type_t<scalar_t>>(row[i]) * kr);
+    }
+  });
+}
+
+void generalized_jsd_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_grad_inputs(grad, scale);
+  at::Tensor out = grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "generalized_jsd_scale_grad_cpu", [&] {
+    scale_grad_rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_type_t<scalar_t>>(),
+                              num_rows(grad), grad.size(-1));
+  });
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace opdx
 
-TORCH_LIBRARY_IMPL(opdx, CPU, m) { m.impl("generalized_jsd_fwd", &opdx::cpu::generalized_jsd_fwd_cpu); }
+TORCH_LIBRARY_IMPL(opdx, CPU, m) {
+  m.impl("generalized_jsd_fwd", &opdx::cpu::generalized_jsd_fwd_cpu);
+  m.impl("generalized_jsd_scale_grad_", &opdx::cpu::generalized_jsd_scale_grad_cpu);
+}

@@ -47,8 +47,23 @@ std::tuple<at::Tensor, at::Tensor> generalized_jsd_fwd_cuda(const at::Tensor& st
   return {loss, grad};
 }
 
+void generalized_jsd_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_grad_inputs(grad, scale);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "generalized_jsd_scale_grad_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    check_launch(launch_scale_grad_rows(cuda_mutable_ptr<scalar_t>(out), scale.const_data_ptr<acc_t>(), num_rows(grad),
+                                        grad.size(-1), at::cuda::getCurrentCUDAStream()),
+                 "generalized_jsd_scale_grad_");
+  });
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace opdx
 
-TORCH_LIBRARY_IMPL(opdx, CUDA, m) { m.impl("generalized_jsd_fwd", &opdx::cuda::generalized_jsd_fwd_cuda); }
+TORCH_LIBRARY_IMPL(opdx, CUDA, m) {
+  m.impl("generalized_jsd_fwd", &opdx::cuda::generalized_jsd_fwd_cuda);
+  m.impl("generalized_jsd_scale_grad_", &opdx::cuda::generalized_jsd_scale_grad_cuda);
+}

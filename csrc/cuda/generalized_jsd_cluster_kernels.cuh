@@ -1,12 +1,15 @@
 // The generalized JSD on Hopper thread-block clusters (sm_90+), and the launcher that picks the kernel.
 // Torch-free (see cuda_common.cuh).
 //
-// Which path runs: launch_generalized_jsd_fwd uses the cluster kernel below when the device is sm_90 or newer, the
-// kernel's code was compiled for sm_90+ (cudaFuncGetAttributes), each block's slice of BOTH rows fits its
-// shared-memory budget with a cluster of C in {1, 2, 4, 8} blocks per row (the smallest C that fits; bf16/fp16 rows
-// up to ~400k entries, fp32 up to ~200k, fp64 up to ~100k) and the device can co-schedule such a cluster
-// (cudaOccupancyMaxActiveClusters); otherwise the one-block-per-row kernel of generalized_jsd_kernels.cuh (three
-// reads of the rows, relying on L2).
+// Which path runs: with enough rows to fill the device (N >= kClusterMaxRowsPerSm · SMs) the one-block-per-row
+// kernel of generalized_jsd_kernels.cuh (three reads of the rows, the re-reads mostly from L2). Measured on an H200
+// (benchmarks/cuda/gjsd_variants.cu, bf16 N=8192 V=131072 fwd+grad): rows 8.2 ms (β=0.5), 3.5 (β=0), 5.1 (β=1)
+// against 10.5 / 6.3 / 7.9 ms for the best cluster size: the cluster kernel's one HBM read does not pay for its
+// occupancy (one or a few blocks per SM, each holding its slices in shared memory), and at β = 0.5 both are
+// arithmetic-bound. With few rows, the cluster kernel splits each row over C blocks, so C·N blocks share the work:
+// it runs when the device is sm_90 or newer, the kernel's code was compiled for sm_90+ (cudaFuncGetAttributes), the
+// slices fit the shared-memory budget (cluster_blocks_per_row) and the device can co-schedule such a cluster
+// (cudaOccupancyMaxActiveClusters).
 //
 // Cluster kernel: block `rank` of a row's cluster owns the contiguous slice `rank` (row_slices.h) of the student and
 // the teacher row. Pass 1 reads its slice from HBM once (16-byte vector loads when both rows share their alignment),
@@ -28,6 +31,10 @@ namespace opdx {
 namespace cuda {
 
 constexpr int kClusterMaxBlocks = 8;  // the portable cluster size
+// The cluster kernel runs only for N < kClusterMaxRowsPerSm · SMs: fewer rows than one-row blocks the device keeps
+// in flight at once. Each block's slice is at most kClusterSliceTarget entries where C <= 8 allows.
+constexpr int64_t kClusterMaxRowsPerSm = 2;
+constexpr int64_t kClusterSliceTarget = 16384;
 // Dynamic shared memory a block may use for its two slices: below the 227 KB opt-in limit of sm_90, leaving room for
 // the blocks' static shared memory (the reductions' scratch, < 2 KB).
 constexpr int64_t kClusterSmemBudget = 200 * 1024;
@@ -109,34 +116,37 @@ __global__ void generalized_jsd_cluster_kernel(const scalar_t* __restrict__ stud
 struct ClusterDevice {
   bool clusters;  // compute capability >= 9.0
   int64_t smem_optin;
+  int64_t sms;
 };
 
 inline ClusterDevice cluster_device(int device) {
   constexpr int kMaxDevices = 64;
   static ClusterDevice cache[kMaxDevices];
   static std::once_flag once[kMaxDevices];
-  if (device < 0 || device >= kMaxDevices) return {false, 0};
+  if (device < 0 || device >= kMaxDevices) return {false, 0, 0};
   std::call_once(once[device], [device] {
-    int major = 0, optin = 0;
+    int major = 0, optin = 0, sms = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       (void)cudaGetLastError();  // leave no sticky error for the caller's launch check
       major = 0;
     }
-    cache[device] = {major >= 9, optin};
+    cache[device] = {major >= 9, optin, sms};
   });
   return cache[device];
 }
 
-// Blocks per row for the cluster kernel: the smallest C in {1, 2, 4, 8} whose slices of both rows fit the
-// shared-memory budget; 0 when none does or the device has no clusters.
+// Blocks per row for the cluster kernel: the smallest C in {1, 2, 4, 8} whose slices are at most
+// kClusterSliceTarget entries (else 8), if the slices of both rows fit the shared-memory budget; 0 when they do not,
+// the device has no clusters, or N fills the device with one-row blocks.
 template <typename scalar_t>
-inline int cluster_blocks_per_row(int64_t V, const ClusterDevice& dev) {
-  if (!dev.clusters) return 0;
+inline int cluster_blocks_per_row(int64_t N, int64_t V, const ClusterDevice& dev) {
+  if (!dev.clusters || N >= kClusterMaxRowsPerSm * dev.sms) return 0;
   const int64_t budget = std::min(kClusterSmemBudget, dev.smem_optin - kStaticSmemReserve);
-  for (int c = 1; c <= kClusterMaxBlocks; c *= 2)
-    if (ClusterSmem<scalar_t>::bytes(slice_length(V, c, ClusterSmem<scalar_t>::kVec)) <= budget) return c;
-  return 0;
+  int c = 1;
+  while (c < kClusterMaxBlocks && slice_length(V, c, ClusterSmem<scalar_t>::kVec) > kClusterSliceTarget) c *= 2;
+  return ClusterSmem<scalar_t>::bytes(slice_length(V, c, ClusterSmem<scalar_t>::kVec)) <= budget ? c : 0;
 }
 
 // Launches the cluster kernel with C blocks per row; cudaErrorNotSupported (nothing launched, no error left set)
@@ -144,7 +154,8 @@ inline int cluster_blocks_per_row(int64_t V, const ClusterDevice& dev) {
 template <int kMode, typename scalar_t, typename grad_t, typename acc_t>
 cudaError_t launch_jsd_cluster(const scalar_t* student, RowIndexer s_rows, const scalar_t* teacher,
                                RowIndexer t_rows, int64_t N, int64_t V, int C, const bool* mask, acc_t beta,
-                               acc_t inv_temperature, acc_t* loss, grad_t* grad, cudaStream_t stream) {
+                               acc_t inv_temperature, acc_t* loss, grad_t* grad, cudaStream_t stream,
+                               int max_threads = kJsdMaxThreads) {
   const auto kernel = generalized_jsd_cluster_kernel<kMode, scalar_t, grad_t, acc_t>;
   const int64_t slice_len = slice_length(V, C, ClusterSmem<scalar_t>::kVec);
   const int64_t bytes = ClusterSmem<scalar_t>::bytes(slice_len);
@@ -157,7 +168,7 @@ cudaError_t launch_jsd_cluster(const scalar_t* student, RowIndexer s_rows, const
   }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(N * C));
-  config.blockDim = dim3(threads_for_row<scalar_t>(slice_len, kJsdMaxThreads));
+  config.blockDim = dim3(threads_for_row<scalar_t>(slice_len, max_threads));
   config.dynamicSmemBytes = static_cast<size_t>(bytes);
   config.stream = stream;
   cudaLaunchAttribute cluster_dim;
@@ -176,8 +187,8 @@ cudaError_t launch_jsd_cluster(const scalar_t* student, RowIndexer s_rows, const
                             inv_temperature, loss, grad);
 }
 
-// The generalized JSD forward (+ gradient): the cluster kernel where it applies (see the top of this file),
-// otherwise the one-block-per-row kernel.
+// The generalized JSD forward (+ gradient): the one-block-per-row kernel, or the cluster kernel for few rows (see
+// the top of this file).
 template <typename scalar_t, typename grad_t, typename acc_t>
 cudaError_t launch_generalized_jsd_fwd(const scalar_t* student, RowIndexer s_rows, const scalar_t* teacher,
                                        RowIndexer t_rows, int64_t N, int64_t V, const bool* mask, acc_t beta,
@@ -185,7 +196,7 @@ cudaError_t launch_generalized_jsd_fwd(const scalar_t* student, RowIndexer s_row
   if (N == 0) return cudaSuccess;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return cudaGetLastError();
-  const int C = cluster_blocks_per_row<scalar_t>(V, cluster_device(device));
+  const int C = cluster_blocks_per_row<scalar_t>(N, V, cluster_device(device));
   if (C > 0) {
     const cudaError_t err = with_jsd_mode(static_cast<double>(beta), [&](auto mode) {
       return launch_jsd_cluster<decltype(mode)::value>(student, s_rows, teacher, t_rows, N, V, C, mask, beta,

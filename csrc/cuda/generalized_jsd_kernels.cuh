@@ -152,11 +152,12 @@ __device__ __forceinline__ void write_grad_row(const scalar_t* __restrict__ srow
     out[i] = from_acc<grad_t>(g(to_acc<acc_t>(srow[i]), to_acc<acc_t>(trow[i])));
 }
 
-// At most 512 threads: the float64 instantiations need up to 96 registers per thread (1024·96 > 64k registers).
-// No __launch_bounds__(512): with it ptxas spills these kernels (-Xptxas -v, nvcc 13.0, sm_90); without it they use
-// at most 78 registers (float64; the cluster kernel 96), and 512 × 96 fits the 64k register file, so the launch
-// cannot fail for lack of them.
-constexpr int kJsdMaxThreads = 512;
+// Threads per block (at most; threads_for_row). 256 was the fastest for every β of the one-block-per-row kernel on an
+// H200 (bf16 N=8192 V=131072 fwd+grad β=0.5: 8.2 ms at 256, 8.2 at 512, 8.6 at 1024; β=0: 3.5 / 4.0 / 4.4 ms; fp32
+// V=32768: 2.2 / 2.5 / 2.6 ms; benchmarks/cuda/gjsd_variants.cu): smaller blocks keep more rows in flight per SM,
+// so one row's pass-1 reads overlap another's arithmetic. No __launch_bounds__: with it ptxas spills these kernels
+// (nvcc 13.0, sm_90); without it they use at most 96 registers (float64), and 256 × 96 fits the register file.
+constexpr int kJsdMaxThreads = 256;
 
 // A row's constants once pass 1 is done (both log-normalizers and the gradient anchor) and its per-entry math.
 template <int kMode, typename acc_t>
@@ -291,15 +292,44 @@ inline cudaError_t with_jsd_mode(double beta, F&& f) {
 template <typename scalar_t, typename grad_t, typename acc_t>
 cudaError_t launch_generalized_jsd_rows(const scalar_t* student, RowIndexer s_rows, const scalar_t* teacher,
                                         RowIndexer t_rows, int64_t N, int64_t V, const bool* mask, acc_t beta,
-                                        acc_t inv_temperature, acc_t* loss, grad_t* grad, cudaStream_t stream) {
+                                        acc_t inv_temperature, acc_t* loss, grad_t* grad, cudaStream_t stream,
+                                        int max_threads = kJsdMaxThreads) {
   if (N == 0) return cudaSuccess;
-  const int threads = threads_for_row<scalar_t>(V, kJsdMaxThreads);
+  const int threads = threads_for_row<scalar_t>(V, max_threads);
   return with_jsd_mode(static_cast<double>(beta), [&](auto mode) {
     generalized_jsd_fwd_kernel<decltype(mode)::value, scalar_t, grad_t, acc_t>
         <<<static_cast<unsigned>(N), threads, 0, stream>>>(student, s_rows, teacher, t_rows, V, mask, beta,
                                                             inv_temperature, loss, grad);
     return cudaGetLastError();
   });
+}
+
+// grad[r, :] *= scale[r] in acc_t, one block per row, 16-byte loads and stores (the backward of the op: the gradient
+// stored by the forward, scaled by the incoming per-row gradient).
+template <typename grad_t, typename acc_t>
+__global__ void scale_grad_rows_kernel(grad_t* __restrict__ grad, const acc_t* __restrict__ scale, int64_t V) {
+  constexpr int kVec = RowSplit<grad_t>::kVec;
+  grad_t* __restrict__ row = grad + static_cast<int64_t>(blockIdx.x) * V;
+  const acc_t k = scale[blockIdx.x];
+  const RowSplit<grad_t> split(row, V);
+  const auto one = [&](int64_t i) { row[i] = from_acc<grad_t>(to_acc<acc_t>(row[i]) * k); };
+  for (int64_t i = threadIdx.x; i < split.head; i += blockDim.x) one(i);
+  for (int64_t j = threadIdx.x; j < split.nvec; j += blockDim.x) {
+    grad_t* p = row + split.head + j * kVec;
+    VecOf<grad_t> v = load_vec(p);
+#pragma unroll
+    for (int q = 0; q < kVec; ++q) v.v[q] = from_acc<grad_t>(to_acc<acc_t>(v.v[q]) * k);
+    store_vec(p, v);
+  }
+  for (int64_t i = split.tail0 + threadIdx.x; i < V; i += blockDim.x) one(i);
+}
+
+template <typename grad_t, typename acc_t>
+cudaError_t launch_scale_grad_rows(grad_t* grad, const acc_t* scale, int64_t N, int64_t V, cudaStream_t stream) {
+  if (N == 0 || V == 0) return cudaSuccess;
+  scale_grad_rows_kernel<grad_t, acc_t>
+      <<<static_cast<unsigned>(N), threads_for_row<grad_t>(V, kJsdMaxThreads), 0, stream>>>(grad, scale, V);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda
@@ -319,6 +349,14 @@ cudaError_t launch_generalized_jsd_rows(const scalar_t* student, RowIndexer s_ro
 #define OPDX_INSTANTIATE_GJSD_ROWS(scalar_t, grad_t, acc_t)                                                         \
   template cudaError_t opdx::cuda::launch_generalized_jsd_rows<scalar_t, grad_t, acc_t>(                            \
       const scalar_t*, opdx::RowIndexer, const scalar_t*, opdx::RowIndexer, int64_t, int64_t, const bool*, acc_t,   \
-      acc_t, acc_t*, grad_t*, cudaStream_t);
+      acc_t, acc_t*, grad_t*, cudaStream_t, int);
 OPDX_GJSD_TYPES(OPDX_INSTANTIATE_GJSD_ROWS)
+template cudaError_t opdx::cuda::launch_scale_grad_rows<float, float>(float*, const float*, int64_t, int64_t,
+                                                                       cudaStream_t);
+template cudaError_t opdx::cuda::launch_scale_grad_rows<__half, float>(__half*, const float*, int64_t, int64_t,
+                                                                        cudaStream_t);
+template cudaError_t opdx::cuda::launch_scale_grad_rows<__nv_bfloat16, float>(__nv_bfloat16*, const float*, int64_t,
+                                                                               int64_t, cudaStream_t);
+template cudaError_t opdx::cuda::launch_scale_grad_rows<double, double>(double*, const double*, int64_t, int64_t,
+                                                                         cudaStream_t);
 #endif

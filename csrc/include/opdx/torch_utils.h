@@ -114,6 +114,17 @@ inline void check_generalized_jsd_inputs(const at::Tensor& student, const at::Te
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "opdx::generalized_jsd_fwd: beta must be in [0, 1], got ", beta);
 }
 
+// generalized_jsd_scale_grad_: grad a contiguous [..., V] gradient, scale [N] contiguous in its accumulation dtype.
+inline void check_scale_grad_inputs(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.dim() >= 1 && grad.is_contiguous(), "opdx::generalized_jsd_scale_grad_: grad must be contiguous");
+  TORCH_CHECK(scale.dim() == 1 && scale.is_contiguous() && scale.numel() == num_rows(grad),
+              "opdx::generalized_jsd_scale_grad_: scale must be a contiguous [", num_rows(grad), "] tensor, got ",
+              scale.sizes());
+  TORCH_CHECK(scale.scalar_type() == acc_dtype_for(grad), "opdx::generalized_jsd_scale_grad_: scale must be ",
+              acc_dtype_for(grad), " for a ", grad.scalar_type(), " gradient, got ", scale.scalar_type());
+  TORCH_CHECK(scale.device() == grad.device(), "opdx::generalized_jsd_scale_grad_: grad and scale devices differ");
+}
+
 // a·b with an `acc` (fp32/fp64) result. Inputs already in `acc`: a plain matmul. bf16/fp16 inputs (CUDA): one tensor-
 // core GEMM that writes fp32 (aten::mm.dtype, torch >= 2.8; setup.py refuses older torch for CUDA builds), so no
 // result is rounded to the input dtype first. out= variant: `out` must be a contiguous `acc` tensor of the result shape.
