@@ -278,6 +278,21 @@ def test_gold_matches_float64_reference(weight):
     assert 0.0 < stats["matched_share"] < 1.0
 
 
+def test_gold_with_every_student_token_matched_matches_float64_reference():
+    """A student vocabulary inside the teacher's (e.g. a truncated tokenizer): the matched part is every student
+    column (dense path), the student's unmatched part is empty."""
+    (sl, sy, sg), (tl, ty, tg), n = problem()
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    vs, vt = sl.shape[1], tl.shape[1]
+    vmap = VocabMap(torch.arange(vs), torch.randperm(vt, generator=gen)[:vs])
+    x = sl.clone().requires_grad_(True)
+    got, _ = gold_loss(merge_groups(x, sy, sg, n), merge_groups(tl, ty, tg, n), vmap, beta=0.4, top_m=4)
+    y = sl.clone().requires_grad_(True)
+    ref = gold_reference(y, sy, sg, tl, ty, tg, n, vmap, 0.4, 4, None)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(ref, y)[0], rtol=1e-7, atol=1e-10)
+
+
 def test_gold_gradcheck():
     (sl, sy, sg), (tl, ty, tg), n = problem(n_groups=3, vs=7, vt=9)
     vmap = _vocab_map_forproblem(7, 9, 3, torch.Generator().manual_seed(1))
@@ -382,10 +397,11 @@ def test_merge_temperature_divides_logits():
     torch.testing.assert_close(hot, ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("cols", ["some", "every"])
 @pytest.mark.parametrize("given", [False, True], ids=["own_pass", "observed_given"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("which", ["all", "observed_only", "columns_only"])
-def test_gathered_logprobs_one_pass_gradient_matches_autograd(temperature, which, given):
+def test_gathered_logprobs_one_pass_gradient_matches_autograd(temperature, which, given, cols):
     """opdx.xtok.gathered: the one-pass backward equals autograd through log_softmax + index_select / gather, for
     shared and per-group columns (a column repeated, a column equal to the target), a −inf entry, and outputs the
     loss does not use (None gradients)."""
@@ -397,10 +413,11 @@ def test_gathered_logprobs_one_pass_gradient_matches_autograd(temperature, which
     logits[2, 5] = -math.inf
     targets = torch.randint(0, v, (n,), generator=gen)
     first = torch.tensor([0, 2, 3, 6])
-    shared = torch.tensor([1, 5, 30])
+    shared = torch.tensor([1, 5, 30]) if cols == "some" else torch.arange(v)  # "every": the dense-row path
     grouped = torch.stack([torch.randperm(v, generator=gen)[:4] for _ in range(4)])
     grouped[1, 0], grouped[2, 1] = int(targets[2]), grouped[2, 0]
-    w_obs, w_sh, w_gr = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((n,), (4, 3), (4, 4)))
+    w_obs, w_sh, w_gr = (torch.randn(s, generator=gen, dtype=torch.float64)
+                         for s in ((n,), (4, shared.numel()), (4, 4)))
 
     def loss(obs, sh, gr):
         parts = {"all": [obs @ w_obs, (sh * w_sh).sum(), (gr * w_gr).sum()], "observed_only": [obs @ w_obs],

@@ -27,7 +27,9 @@ class _GatheredLogprobs(torch.autograd.Function):
             lse = logits.gather(1, targets[:, None])[:, 0].to(observed.dtype) * inv_temperature - observed
         lse_first = lse.index_select(0, first)[:, None]
         rows = first[:, None]
-        shared = _scaled_minus(logits[rows, shared_cols[None, :]], lse, inv_temperature, lse_first)
+        ctx.every_column = _every_column(shared_cols, logits.shape[1])
+        shared = logits.index_select(0, first) if ctx.every_column else logits[rows, shared_cols[None, :]]
+        shared = _scaled_minus(shared, lse, inv_temperature, lse_first)
         grouped = _scaled_minus(logits[rows, group_cols], lse, inv_temperature, lse_first)
         ctx.save_for_backward(logits, targets, first, shared_cols, group_cols, lse)
         ctx.inv_temperature = inv_temperature
@@ -45,12 +47,22 @@ class _GatheredLogprobs(torch.autograd.Function):
         coef = g_logp.index_add(0, first, selected)
         grad = torch.ops.opdx.token_logprobs_bwd(coef, None, logits, targets, lse, None, inv_t, -100)
         rows = first[:, None]
-        # (row, column) pairs repeat only across the three index sets: accumulate
-        for cols, values in ((shared_cols[None, :], g_shared), (group_cols, g_grouped),
+        scale = (lambda v: v * inv_t) if inv_t != 1.0 else (lambda v: v)
+        if ctx.every_column:  # a dense [G, V] block on distinct rows: one row-wise add
+            grad.index_add_(0, first, scale(g_shared).to(grad.dtype))
+            shared = ()
+        else:
+            shared = ((shared_cols[None, :], g_shared),)
+        # (row, column) pairs repeat only across the index sets: accumulate
+        for cols, values in (*shared, (group_cols, g_grouped),
                              (targets.index_select(0, first)[:, None], -selected[:, None])):
-            grad.index_put_((rows, cols), (values * inv_t if inv_t != 1.0 else values).to(grad.dtype),
-                            accumulate=True)
+            grad.index_put_((rows, cols), scale(values).to(grad.dtype), accumulate=True)
         return grad, None, None, None, None, None, None
+
+
+def _every_column(cols: torch.Tensor, vocab: int) -> bool:
+    """Whether cols is 0..V−1 in order (the whole row: no column gather, a dense backward)."""
+    return cols.numel() == vocab and bool((cols == torch.arange(vocab, device=cols.device)).all())
 
 
 def _scaled_minus(values: torch.Tensor, like: torch.Tensor, scale: float, shift: torch.Tensor) -> torch.Tensor:

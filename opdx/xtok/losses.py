@@ -156,10 +156,26 @@ def top_columns(side: GroupedSide, top_m: int, exclude: torch.Tensor | None = No
     descending, leaving out the columns ``exclude`` (no gradient: the selection)."""
     with torch.no_grad():
         logits = side.first_logits.detach()
-        m = min(int(top_m), logits.shape[-1] - (0 if exclude is None else exclude.numel()))
-        if exclude is not None:
-            logits = logits.index_fill(1, exclude, -math.inf)
-        return torch.topk(logits, m, dim=-1).indices
+        if exclude is None:
+            return torch.topk(logits, min(int(top_m), logits.shape[-1]), dim=-1).indices
+        keep = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep[exclude] = False
+        keep = keep.nonzero()[:, 0]  # the top-M of the kept columns only (not a −inf-filled copy of every row)
+        return keep[torch.topk(logits.index_select(1, keep), min(int(top_m), keep.numel()), dim=-1).indices]
+
+
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``[G]`` logsumexp over the last dim of ``x [G, K]``; differentiable in x, through the fused log-softmax
+    gather (lse = x[t] − log softmax(x)[t] at each row's largest entry t) instead of torch.logsumexp's passes."""
+    from opdx.ops import teacher_topk, token_logprobs
+
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return torch.logsumexp(x, -1)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return teacher_topk(x, 1)[2]  # one fused pass: the logsumexp (and a top-1 nobody needs)
+    top = x.detach().argmax(-1)
+    x_top = x.gather(1, top[:, None])[:, 0].to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x_top - token_logprobs(x, top)
 
 
 def top_log_probs(side: GroupedSide, top_m: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,7 +240,7 @@ def _teacher_matched(teacher: GroupedSide, vocab_map, top_m: int):
     t_ids = vocab_map.teacher_ids.to(teacher.first_logits.device)
     with torch.no_grad():
         t_m = teacher.first_logits.detach().index_select(1, t_ids)
-        t_mass = (torch.logsumexp(t_m, -1).to(teacher.lse.dtype) - teacher.lse).exp()
+        t_mass = (row_logsumexp(t_m).to(teacher.lse.dtype) - teacher.lse).exp()
         return t_m, t_mass, _unmatched_buckets(teacher, t_ids, t_mass, top_m)
 
 
@@ -266,7 +282,7 @@ def gold_loss(student: GroupedSide, teacher: GroupedSide, vocab_map, *, beta: fl
     s_m, s_top, s_scale = side_logprobs(student, shared_cols=s_ids,
                                         group_cols=None if every else top_columns(student, top_m, exclude=s_ids))
     jsd = generalized_jsd(s_m, t_m.to(s_m.dtype), beta=beta)  # the renormalization is GJSD's own log-softmax
-    s_mass = torch.logsumexp(s_m, -1).exp()
+    s_mass = None if every else row_logsumexp(s_m).exp()  # every token matched: the unmatched part is empty
     uld = uld_distance(_unmatched_buckets(student, s_ids, s_mass, top_m, s_top, s_scale), t_buckets, p)
     w = t_mass.detach() if matched_weight is None else torch.full_like(t_mass, float(matched_weight))
     return gold_mean(jsd, uld, w, t_mass)

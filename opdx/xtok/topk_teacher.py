@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from opdx.xtok.losses import (GroupedSide, gold_mean, group_first_and_scale, side_logprobs, sorted_buckets,
-                              uld_distance)
+from opdx.xtok.losses import (GroupedSide, gold_mean, group_first_and_scale, row_logsumexp, side_logprobs,
+                              sorted_buckets, uld_distance)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def gold_loss_topk(student: GroupedSide, teacher: TopSide, vocab_map, *, beta: f
     t_lp = teacher.top_logp.to(s_lp.dtype)
     t_m = torch.where(matched, t_lp, neg_inf).where(has[:, None], 0.0)
     jsd = generalized_jsd(s_m, t_m, beta=beta)
-    s_mass = torch.where(has, torch.logsumexp(s_m, -1).exp(), 0.0)
+    s_mass = torch.where(has, row_logsumexp(s_m).exp(), 0.0)
     t_mass = torch.where(matched, t_lp.exp(), 0.0).sum(-1)
     with torch.no_grad():
         t_other = torch.where(matched, neg_inf, t_lp)
