@@ -1,4 +1,4 @@
-"""Fused lm_head + generalized JSD reduced to one weighted sum, in row chunks, with the gradient computed in the forward.
+"""Fused lm_head + generalized JSD as one weighted sum, in row chunks, with the gradients computed in the forward.
 
 `linear_generalized_jsd` returns per-token losses, so its backward must wait for the per-token upstream gradient and
 recompute the logits tile by tile (8 GEMM-equivalents for a forward + backward). A training loss only needs the
