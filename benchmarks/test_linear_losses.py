@@ -1,4 +1,4 @@
-"""Fused lm_head + loss: opdx.ops.linear_token_logprobs / linear_generalized_jsd vs materializing the logits and
+"""Fused lm_head + loss: opdx.ops.linear_token_logprobs / linear_generalized_jsd(_mean) vs materializing the logits and
 running the loss in torch eager (and opdx.ops.generalized_jsd / Liger's LigerFusedLinearJSD where available), forward
 and forward+backward.
 
@@ -58,6 +58,8 @@ def impls(op):
         }
     out = {
         "opdx_linear": lambda sh, sw, th, tw: opdx.ops.linear_generalized_jsd(sh, sw, th, tw, beta=0.5),
+        # the mean as one scalar, gradients formed in the forward (4 GEMMs): what a training loss needs
+        "opdx_linear_mean": lambda sh, sw, th, tw: opdx.ops.linear_generalized_jsd_mean(sh, sw, th, tw, beta=0.5),
         "materialize_eager": eager_jsd,
     }
     out["materialize_opdx_gjsd"] = logits_then_opdx_gjsd
@@ -137,7 +139,7 @@ def test_linear_token_logprobs(benchmark, device, impl, mode):
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize(
-    "impl", ["opdx_linear", "materialize_eager", "materialize_opdx_gjsd", "liger_fused_linear_jsd"]
+    "impl", ["opdx_linear", "opdx_linear_mean", "materialize_eager", "materialize_opdx_gjsd", "liger_fused_linear_jsd"]
 )
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_linear_generalized_jsd(benchmark, device, impl, mode):

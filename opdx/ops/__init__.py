@@ -15,6 +15,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 
 from opdx.ops.generalized_jsd import generalized_jsd  # noqa: E402
 from opdx.ops.linear import linear_generalized_jsd, linear_token_logprobs  # noqa: E402
+from opdx.ops.linear_chunked import linear_generalized_jsd_mean  # noqa: E402
 from opdx.ops.token_logprobs import token_logprobs  # noqa: E402
 from opdx.ops.topk import (  # noqa: E402
     teacher_topk,
@@ -27,6 +28,7 @@ from opdx.ops.topk import (  # noqa: E402
 __all__ = [
     "generalized_jsd",
     "linear_generalized_jsd",
+    "linear_generalized_jsd_mean",
     "linear_token_logprobs",
     "teacher_topk",
     "teacher_topk_from_hidden",

@@ -32,12 +32,13 @@ from opdx.ops._checks import (
 from opdx.ops.generalized_jsd import _check_beta  # the same β validation and messages as generalized_jsd
 
 
-def _check_tile(vocab_tile) -> int:
-    if vocab_tile is None:
+def _check_tile(tile, name: str = "vocab_tile") -> int:
+    """A tile / chunk size: a positive int, or None (automatic) -> 0."""
+    if tile is None:
         return 0
-    if isinstance(vocab_tile, bool) or not isinstance(vocab_tile, int) or vocab_tile < 1:
-        raise ValueError(f"vocab_tile must be a positive int or None (automatic), got {vocab_tile!r}")
-    return vocab_tile
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"{name} must be a positive int or None (automatic), got {tile!r}")
+    return tile
 
 
 def _check_linear(prefix: str, hidden, weight, bias):

@@ -23,7 +23,7 @@ class TeacherSignal:
     topk_logprobs: torch.Tensor | None = None  # [N, K]
     lse: torch.Tensor | None = None  # [N] full-vocab logsumexp of the teacher logits / T (topk tail)
     # gjsd with loss.fused_linear: the teacher's final hidden states at the valid positions and its lm_head rows
-    # [:vocab] (the student applies opdx.ops.linear_generalized_jsd; [N, V] teacher logits are never formed)
+    # [:vocab] (the student applies opdx.ops.linear_generalized_jsd_mean; [N, V] teacher logits are never formed)
     hidden: torch.Tensor | None = None  # [N, d_t]
     head_weight: torch.Tensor | None = None  # [V, d_t]
     head_bias: torch.Tensor | None = None  # [V] or None

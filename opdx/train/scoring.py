@@ -3,7 +3,8 @@
 - `LogitsView`: the student's logits for the tail of the batch that holds completion targets (``logits_to_keep``);
   prompt positions never reach the lm_head.
 - `FusedLinearView`: the final hidden states at the trained positions and the lm_head rows; token logprobs and the
-  JSD come from opdx.ops.linear_* without forming [N, V] logits (loss.fused_linear).
+  JSD come from opdx.ops.linear_* without forming [N, V] logits (loss.fused_linear; the JSD's mean from
+  linear_generalized_jsd_mean, gradients formed in its forward).
 - `HiddenView`: hidden states at the trained positions whose loss runs *as the lm_head module's forward*
   (`lm_head_call`), so a ZeRO-3 partitioned lm_head is gathered for it (loss.kind=topk).
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from opdx.ops import linear_generalized_jsd, linear_token_logprobs, token_logprobs
+from opdx.ops import linear_generalized_jsd_mean, linear_token_logprobs, token_logprobs
 
 
 def base_model(model):
@@ -173,8 +174,11 @@ class FusedLinearView:
         t_rows, t_w, t_b = self._teacher_rows(signal)
         if not self.rows.shape[0]:
             return self.hidden.sum() * 0.0 + self.weight.sum() * 0.0
-        return linear_generalized_jsd(self.rows, self.weight, t_rows, t_w, beta=beta, temperature=temperature,
-                                      student_bias=self.bias, teacher_bias=t_b).float().mean()
+        # The whole lm_head with vocab_size (not the self.weight view): the op's grad_W, zero beyond vocab, then goes
+        # straight to the parameter instead of through a slice backward (a second [V, d] buffer).
+        weight, bias = head_rows(self.head, None)
+        return linear_generalized_jsd_mean(self.rows, weight, t_rows, t_w, beta=beta, temperature=temperature,
+                                           vocab_size=self.weight.shape[0], student_bias=bias, teacher_bias=t_b)
 
     @torch.no_grad()
     def teacher_token_logprobs(self, signal, temperature: float) -> torch.Tensor:
